@@ -1,0 +1,228 @@
+"""Core benchmark: ContrastiveVAE against scvi-tools' ContrastiveVI, Mixscape and PCA.
+
+All four run in one process on the same simulated screen (known truth). Reported:
+
+- program separation: balanced accuracy of a 15-NN classifier (5-fold CV) predicting the true
+  perturbation program of responding cells from the embedding (higher is better);
+- background leakage, over all perturbed cells (lower is better): balanced 15-NN accuracy for
+  the subclone, and 15-NN regression R^2 (5-fold CV) for the cell-cycle phase (cos, sin of the
+  angle) and the stress state;
+- training seconds per epoch and peak extra resident memory while the method ran. Speed is
+  also given as a ratio to ContrastiveVI in the same run, since the machine is noisy.
+
+Run by hand:  .venv/bin/python benchmarks/benchmark_core.py [--epochs 30] [--output docs/benchmark_core.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pertpy as pt
+import scanpy as sc
+import scvi
+import torch
+from sklearn.metrics import balanced_accuracy_score, r2_score
+from sklearn.model_selection import cross_val_predict
+from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+
+import pertpy_contrastive as pc
+
+CONTROL = "non-targeting"
+N_NEIGHBORS = 15
+
+
+class PeakMemory:
+    """Samples this process's resident memory in a thread; reports the peak above the start."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+
+    @staticmethod
+    def _rss() -> int:
+        with Path("/proc/self/statm").open() as statm:
+            return int(statm.read().split()[1]) * 4096
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while self._running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.extra_mb = (self.peak - self.start) / 1e6
+
+
+def program_separation(embedding, obs) -> float:
+    responders = obs["responder"].to_numpy()
+    labels = obs["program"].to_numpy()[responders]
+    predicted = cross_val_predict(
+        KNeighborsClassifier(N_NEIGHBORS), embedding[responders], labels, cv=5
+    )
+    return balanced_accuracy_score(labels, predicted)
+
+
+def leakage(embedding, obs) -> dict[str, float]:
+    perturbed = (obs["perturbation"] != CONTROL).to_numpy()
+    x = embedding[perturbed]
+    subclone = obs["subclone"].to_numpy()[perturbed]
+    predicted = cross_val_predict(KNeighborsClassifier(N_NEIGHBORS), x, subclone, cv=5)
+    angle = obs["cell_cycle_angle"].to_numpy()[perturbed]
+    cycle = np.column_stack([np.cos(angle), np.sin(angle)])
+    stress = obs["stress"].to_numpy()[perturbed]
+    r2 = {}
+    for name, truth in (("cell_cycle", cycle), ("stress", stress)):
+        fitted = cross_val_predict(KNeighborsRegressor(N_NEIGHBORS), x, truth, cv=5)
+        r2[name] = r2_score(truth, fitted)
+    return {
+        "subclone_accuracy": balanced_accuracy_score(subclone, predicted),
+        "cell_cycle_r2": r2["cell_cycle"],
+        "stress_r2": r2["stress"],
+    }
+
+
+def log_normalised(adata):
+    normalised = adata.copy()
+    sc.pp.normalize_total(normalised, target_sum=1e4)
+    sc.pp.log1p(normalised)
+    return normalised
+
+
+def run_contrastive_vae(adata, args):
+    data = adata.copy()
+    pc.ContrastiveVAE.setup_anndata(
+        data, perturbation_key="perturbation", control=CONTROL, batch_key="batch"
+    )
+    model = pc.ContrastiveVAE(data, n_salient=args.n_salient, n_background=args.n_background)
+    start = time.perf_counter()
+    model.train(max_epochs=args.epochs, early_stopping=False, enable_progress_bar=False, seed=0)
+    seconds = time.perf_counter() - start
+    return model.get_latent_representation(kind="salient"), seconds / args.epochs
+
+
+def run_contrastive_vi(adata, args):
+    data = adata.copy()
+    scvi.external.ContrastiveVI.setup_anndata(data, batch_key="batch")
+    model = scvi.external.ContrastiveVI(
+        data, n_salient_latent=args.n_salient, n_background_latent=args.n_background
+    )
+    is_control = (data.obs["perturbation"] == CONTROL).to_numpy()
+    start = time.perf_counter()
+    model.train(
+        background_indices=np.flatnonzero(is_control).tolist(),
+        target_indices=np.flatnonzero(~is_control).tolist(),
+        max_epochs=args.epochs,
+        early_stopping=False,
+        enable_progress_bar=False,
+    )
+    seconds = time.perf_counter() - start
+    return model.get_latent_representation(representation_kind="salient"), seconds / args.epochs
+
+
+def run_mixscape(adata, args):
+    data = log_normalised(adata)
+    sc.pp.pca(data, n_comps=50)
+    pt.tl.Mixscape().perturbation_signature(
+        data, pert_key="perturbation", control=CONTROL, split_by="batch", n_neighbors=20
+    )
+    signature = data.copy()
+    signature.X = signature.layers["X_pert"]
+    sc.pp.pca(signature, n_comps=args.n_salient)
+    return signature.obsm["X_pca"], None
+
+
+def run_pca(adata, args):
+    data = log_normalised(adata)
+    sc.pp.pca(data, n_comps=args.n_salient)
+    return data.obsm["X_pca"], None
+
+
+METHODS = {
+    "ContrastiveVAE (ours)": run_contrastive_vae,
+    "scvi-tools ContrastiveVI": run_contrastive_vi,
+    "Mixscape signature + PCA": run_mixscape,
+    "PCA of log-normalised counts": run_pca,
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", type=int, default=10_000)
+    parser.add_argument("--genes", type=int, default=2_000)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--n-salient", type=int, default=10)
+    parser.add_argument("--n-background", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("docs/benchmark_core.md"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    scvi.settings.seed = args.seed
+
+    adata = pc.datasets.simulate_screen(n_cells=args.cells, n_genes=args.genes, seed=args.seed)
+    rows = []
+    for name, run in METHODS.items():
+        with PeakMemory() as memory:
+            embedding, seconds_per_epoch = run(adata, args)
+        row = {"method": name, "seconds_per_epoch": seconds_per_epoch, "memory_mb": memory.extra_mb}
+        row["program_separation"] = program_separation(embedding, adata.obs)
+        row.update(leakage(embedding, adata.obs))
+        rows.append(row)
+        print(row, flush=True)
+
+    anchor = next(r for r in rows if r["method"] == "scvi-tools ContrastiveVI")
+    lines = [
+        "| method | program separation (bal. acc., higher better) | subclone leakage (bal. acc.) "
+        "| cell-cycle leakage (R²) | stress leakage (R²) | s / epoch | time ratio to ContrastiveVI "
+        "| peak extra memory (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        seconds = r["seconds_per_epoch"]
+        timing = "–" if seconds is None else f"{seconds:.2f}"
+        ratio = "–" if seconds is None else f"{seconds / anchor['seconds_per_epoch']:.2f}"
+        lines.append(
+            f"| {r['method']} | {r['program_separation']:.3f} | {r['subclone_accuracy']:.3f} "
+            f"| {r['cell_cycle_r2']:.3f} | {r['stress_r2']:.3f} | {timing} | {ratio} "
+            f"| {r['memory_mb']:.0f} |"
+        )
+    n_subclones = adata.obs["subclone"].nunique()
+    header = (
+        f"Simulated screen: {args.cells} cells × {args.genes} genes, seed {args.seed}; "
+        f"{args.epochs} epochs, n_salient={args.n_salient}, n_background={args.n_background}, "
+        f"batch size 128 per group, {torch.get_num_threads()} torch threads, "
+        f"{platform.processor() or platform.machine()}, CPU only. Chance level: program "
+        f"separation {1 / adata.obs.loc[adata.obs.responder, 'program'].nunique():.3f}, subclone "
+        f"{1 / n_subclones:.3f}, R² 0."
+    )
+    command = (
+        f"`.venv/bin/python benchmarks/benchmark_core.py --cells {args.cells} --genes {args.genes} "
+        f"--epochs {args.epochs} --seed {args.seed}`"
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        "# Core benchmark results\n\n"
+        f"Produced by {command} on {time.strftime('%Y-%m-%d')}.\n\n{header}\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

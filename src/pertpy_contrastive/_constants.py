@@ -1,0 +1,25 @@
+"""Names shared by the data registry, the Pyro module and the user-facing model."""
+
+from enum import IntEnum
+
+
+class CellGroup(IntEnum):
+    """Role of a cell in the contrast.
+
+    Background cells (controls) define the shared variation, target cells may carry a
+    perturbation effect, excluded cells (unassigned or user-excluded) are never trained on
+    but still get latents.
+    """
+
+    BACKGROUND = 0
+    TARGET = 1
+    EXCLUDED = 2
+
+
+GROUP_KEY = "contrastive_group"
+"""Registry key of the per-cell :class:`CellGroup` code (stored in ``obs['_scvi_contrastive_group']``)."""
+
+CELL_WEIGHT_KEY = "cell_weight"
+"""Minibatch key of the per-cell ELBO weight added by the paired loader."""
+
+LATENT_KINDS = ("salient", "background")

@@ -1,0 +1,262 @@
+"""Paired, batch-stratified minibatches of background and target cells.
+
+scvi-tools' ``ContrastiveDataLoader`` zips a background and a target loader, so one step can
+contrast controls of one replicate with targets of another. Here each step draws both halves from
+the same stratum (batch / replicate), and carries the per-cell ELBO weights that make the
+minibatch loss an unbiased estimate of the training-set ELBO.
+
+The sampler yields whole steps and is seeded by ``(seed, epoch)``, so a distributed variant only
+has to hand each rank its share of the same step list.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import numpy as np
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, CellGroup
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _StratumPool:
+    """The background and target cells of one stratum, with how a step draws from them."""
+
+    stratum: int
+    background: np.ndarray
+    target: np.ndarray
+    step_size: int
+    n_steps: int
+
+
+def _chunks(pool: np.ndarray, n_chunks: int, size: int, rng: np.random.Generator | None):
+    """``n_chunks`` chunks of ``size`` distinct cells, cycling through (shuffled) passes of pool."""
+    chunks: list[np.ndarray] = []
+    while len(chunks) < n_chunks:
+        order = rng.permutation(pool) if rng is not None else pool
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            if len(chunk) < size:  # top up from the same pass, so no cell repeats within a chunk
+                chunk = np.concatenate([chunk, order[: size - len(chunk)]])
+            chunks.append(chunk)
+    return chunks[:n_chunks]
+
+
+class PairedBatchSampler(Sampler):
+    """Yields ``(cell indices, cell weights)`` for one step: a background and a target minibatch.
+
+    Both halves of a step come from one stratum. A stratum's steps cover its larger group once
+    per epoch and cycle through the smaller one, as scvi-tools' contrastive loader does overall.
+
+    Parameters
+    ----------
+    groups
+        :class:`~pertpy_contrastive._constants.CellGroup` code of every cell in the AnnData.
+    strata
+        Stratum (batch) code of every cell in the AnnData.
+    indices
+        The cells of this split.
+    batch_size
+        Cells per group per step (a step holds up to twice this many cells).
+    shuffle
+        Draw a new random pairing every epoch; otherwise the pairing is fixed.
+    seed
+        Seed of the pairing; combined with the epoch set by Lightning.
+    strict
+        For the training split: raise if a stratum has cells of only one group, and warn when
+        a stratum is smaller than a minibatch. Otherwise such strata are skipped or shrunk
+        silently.
+    """
+
+    def __init__(
+        self,
+        groups: np.ndarray,
+        strata: np.ndarray,
+        indices: np.ndarray,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        strict: bool = True,
+    ):
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.pools: list[_StratumPool] = []
+        for stratum in np.unique(strata[indices]):
+            in_stratum = indices[strata[indices] == stratum]
+            background = in_stratum[groups[in_stratum] == CellGroup.BACKGROUND]
+            target = in_stratum[groups[in_stratum] == CellGroup.TARGET]
+            if len(background) == 0 or len(target) == 0:
+                if strict:
+                    missing = "control" if len(background) == 0 else "perturbed"
+                    raise ValueError(
+                        f"Batch {stratum} (code in the registered batch_key) has no {missing} "
+                        "cells to train on, so its cells cannot be contrasted within their batch. "
+                        "Drop that batch, merge it with another, or pass batch_key=None."
+                    )
+                continue
+            step_size = min(batch_size, len(background), len(target))
+            if strict and step_size < batch_size:
+                logger.warning(
+                    "Batch %s has only %d control or perturbed cells; its steps use %d cells per "
+                    "group instead of %d.",
+                    stratum,
+                    step_size,
+                    step_size,
+                    batch_size,
+                )
+            n_steps = math.ceil(max(len(background), len(target)) / step_size)
+            self.pools.append(_StratumPool(int(stratum), background, target, step_size, n_steps))
+
+        self.n_steps = sum(pool.n_steps for pool in self.pools)
+        n_cells = sum(len(pool.background) + len(pool.target) for pool in self.pools)
+        # Weight = (cells of the group in the stratum) / (draws of that group in the stratum per
+        # epoch) * (steps per epoch) / (cells in the split): each step's weighted loss is then an
+        # unbiased estimate of the split's mean per-cell negative ELBO.
+        self.weights = {
+            pool.stratum: tuple(
+                self.n_steps * len(cells) / (pool.n_steps * pool.step_size * n_cells)
+                for cells in (pool.background, pool.target)
+            )
+            for pool in self.pools
+        }
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the pairing of ``epoch`` (called by Lightning at the start of each epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_steps
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
+        steps = []
+        for pool in self.pools:
+            background = _chunks(pool.background, pool.n_steps, pool.step_size, rng)
+            target = _chunks(pool.target, pool.n_steps, pool.step_size, rng)
+            background_weight, target_weight = self.weights[pool.stratum]
+            weights = np.repeat(
+                np.array([background_weight, target_weight], dtype=np.float32), pool.step_size
+            )
+            steps.extend(
+                (np.concatenate([bg, tg]), weights)
+                for bg, tg in zip(background, target, strict=True)
+            )
+        order = rng.permutation(len(steps)) if rng is not None else range(len(steps))
+        for step in order:
+            cells, weights = steps[step]
+            # Sorted reads are faster on CSR matrices and required by backed (h5py) data.
+            by_position = np.argsort(cells, kind="stable")
+            yield cells[by_position], weights[by_position]
+
+
+class _StepDataset(Dataset):
+    """Reads one step's cells from scvi-tools' AnnTorchDataset and attaches their weights."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, step):
+        cells, weights = step
+        tensors = self.dataset[cells]
+        tensors[CELL_WEIGHT_KEY] = weights[:, None]
+        return tensors
+
+
+class PairedDataSplitter(pl.LightningDataModule):
+    """Splits background and target cells into train and validation sets, per stratum.
+
+    Parameters
+    ----------
+    adata_manager
+        The model's :class:`~scvi.data.AnnDataManager`.
+    train_size
+        Fraction of each (group, stratum) used for training; the rest validates.
+    batch_size
+        Cells per group per step.
+    seed
+        Seed of the split and of the pairing.
+    stratify_by_batch
+        Pair cells within the registered batch only.
+    """
+
+    def __init__(
+        self,
+        adata_manager: AnnDataManager,
+        train_size: float = 0.9,
+        batch_size: int = 128,
+        seed: int = 0,
+        stratify_by_batch: bool = True,
+    ):
+        super().__init__()
+        if not 0 < train_size <= 1:
+            raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+        self.adata_manager = adata_manager
+        self.batch_size = batch_size
+        self.seed = seed
+        self.groups = adata_manager.get_from_registry(GROUP_KEY).ravel().astype(np.int64)
+        if stratify_by_batch:
+            self.strata = adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY).ravel()
+        else:
+            self.strata = np.zeros_like(self.groups)
+
+        rng = np.random.default_rng(seed)
+        train, validation = [], []
+        for group in (CellGroup.BACKGROUND, CellGroup.TARGET):
+            for stratum in np.unique(self.strata):
+                cells = np.flatnonzero((self.groups == group) & (self.strata == stratum))
+                cells = rng.permutation(cells)
+                n_validation = round((1 - train_size) * len(cells))
+                validation.append(cells[:n_validation])
+                train.append(cells[n_validation:])
+        self.train_idx = np.sort(np.concatenate(train))
+        self.val_idx = np.sort(np.concatenate(validation))
+        self.test_idx = np.array([], dtype=np.int64)
+        self.n_train = len(self.train_idx)
+        self.n_val = len(self.val_idx)
+
+        for group, name in ((CellGroup.BACKGROUND, "control"), (CellGroup.TARGET, "perturbed")):
+            n_group = int((self.groups[self.train_idx] == group).sum())
+            if n_group < batch_size:
+                raise ValueError(
+                    f"Only {n_group} {name} cells are available for training, fewer than one "
+                    f"minibatch (batch_size={batch_size}). Pass a smaller batch_size, e.g. "
+                    f"batch_size={max(2, n_group // 2)}."
+                )
+        self.train_sampler = PairedBatchSampler(
+            self.groups, self.strata, self.train_idx, batch_size, shuffle=True, seed=seed
+        )
+        self.val_sampler = None
+        if self.n_val:
+            sampler = PairedBatchSampler(
+                self.groups,
+                self.strata,
+                self.val_idx,
+                batch_size,
+                shuffle=False,
+                seed=seed,
+                strict=False,
+            )
+            self.val_sampler = sampler if len(sampler) else None
+
+    def _loader(self, sampler: PairedBatchSampler) -> DataLoader:
+        dataset = _StepDataset(self.adata_manager.create_torch_dataset())
+        # batch_size=None: the sampler already yields whole steps, read with one call each.
+        return DataLoader(dataset, sampler=sampler, batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_sampler) if self.val_sampler is not None else []

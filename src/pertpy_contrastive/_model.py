@@ -1,0 +1,431 @@
+"""The user-facing model: registration, training, latents, save and load."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import pyro
+import torch
+from anndata import AnnData
+from mudata import MuData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import (
+    CategoricalJointObsField,
+    CategoricalObsField,
+    LayerField,
+    NumericalJointObsField,
+)
+from scvi.model._utils import _init_library_size, get_max_epochs_heuristic
+from scvi.model.base import BaseModelClass
+from scvi.model.base._save_load import _load_saved_files
+from scvi.train import TrainRunner
+
+from ._constants import LATENT_KINDS, CellGroup
+from ._data import (
+    PerturbationGroupField,
+    as_label_list,
+    assign_groups,
+    get_count_matrix,
+    resolve_modality,
+    validate_counts,
+    validate_covariates,
+)
+from ._dataloading import PairedDataSplitter
+from ._likelihoods import Likelihood
+from ._module import ContrastivePyroModule
+from ._training_plan import ContrastiveTrainingPlan
+
+logger = logging.getLogger(__name__)
+
+
+class ContrastiveVAE(BaseModelClass):
+    """Contrastive VAE for CRISPR screens, written in Pyro.
+
+    Every cell has a background latent; only perturbed (target) cells use the salient latent,
+    which is held at zero for control cells. Background variation that controls share with
+    perturbed cells (cell cycle, subclones, stress, replicates) therefore stays out of the salient
+    space. Covariates are given to the encoders and the decoder.
+
+    Parameters
+    ----------
+    adata
+        AnnData (or MuData) registered with :meth:`setup_anndata`.
+    n_salient
+        Dimension of the salient (perturbation-specific) latent.
+    n_background
+        Dimension of the background (shared) latent.
+    n_hidden
+        Width of the hidden layers.
+    n_layers
+        Number of hidden layers in encoders and decoder.
+    dropout_rate
+        Dropout in the encoders.
+    likelihood
+        ``"zinb"`` (default), ``"nb"`` or ``"poisson"``.
+    use_observed_library
+        Use each cell's total count as its library size (default); otherwise it is latent.
+    wasserstein_weight
+        Weight of the penalty ``||mu||^2 + sum(sigma^2)`` that pulls control cells' salient
+        posterior to zero.
+    salient_encoder_sees_group
+        Opt-in: give the salient encoder each cell's group (control / perturbed / excluded). This
+        can sharpen the contrast, but the salient latent then depends on the guide label and can
+        no longer show that a labelled cell looks unperturbed (an escaper) on its own.
+    modality
+        Modality to model when ``adata`` is a MuData.
+
+    Examples
+    --------
+    >>> ContrastiveVAE.setup_anndata(adata, perturbation_key="target", control="non-targeting")
+    >>> model = ContrastiveVAE(adata)
+    >>> model.train()
+    >>> adata.obsm["X_salient"] = model.get_latent_representation(kind="salient")
+    """
+
+    _module_cls = ContrastivePyroModule
+    _training_plan_cls = ContrastiveTrainingPlan
+    _data_splitter_cls = PairedDataSplitter
+    _train_runner_cls = TrainRunner
+
+    def __init__(
+        self,
+        adata: AnnData | MuData,
+        n_salient: int = 10,
+        n_background: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        likelihood: Likelihood = "zinb",
+        use_observed_library: bool = True,
+        wasserstein_weight: float = 1.0,
+        salient_encoder_sees_group: bool = False,
+        modality: str = "rna",
+    ):
+        adata = resolve_modality(adata, modality)
+        super().__init__(adata)
+        n_batch = self.summary_stats.n_batch
+        library_log_means = library_log_vars = None
+        if not use_observed_library:
+            library_log_means, library_log_vars = _init_library_size(self.adata_manager, n_batch)
+        cat_covs_registry = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY)
+        self.module = self._module_cls(
+            n_genes=self.summary_stats.n_vars,
+            n_background=n_background,
+            n_salient=n_salient,
+            n_batch=n_batch,
+            n_cats_per_cov=tuple(cat_covs_registry.get("n_cats_per_key", ())),
+            n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            likelihood=likelihood,
+            use_observed_library=use_observed_library,
+            library_log_means=None if library_log_means is None else library_log_means.ravel(),
+            library_log_vars=None if library_log_vars is None else library_log_vars.ravel(),
+            wasserstein_weight=wasserstein_weight,
+            salient_encoder_sees_group=salient_encoder_sees_group,
+        )
+        self._model_summary_string = (
+            f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "
+            f"n_hidden={n_hidden}, n_layers={n_layers}, likelihood={likelihood}, "
+            f"observed library={use_observed_library}, wasserstein_weight={wasserstein_weight}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # -- registration -------------------------------------------------------------------------
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData | MuData,
+        perturbation_key: str,
+        control: str | Sequence[str],
+        exclude: str | Sequence[str] | None = None,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        modality: str = "rna",
+        **kwargs,
+    ) -> None:
+        """Register raw counts, perturbation groups and covariates.
+
+        Cells whose ``perturbation_key`` label is in ``control`` are the background; missing
+        labels and labels in ``exclude`` are excluded from training (they still get latents);
+        every other label is a perturbation target.
+
+        Everything is validated before anything is written. Besides scvi-tools' registry
+        (``uns['_scvi_uuid']``, ``uns['_scvi_manager_uuid']``), registration writes only these
+        obs/obsm entries: ``obs['_scvi_contrastive_group']`` (0 control, 1 target, 2 excluded),
+        ``obs['_scvi_batch']``, and, when covariates are given,
+        ``obsm['_scvi_extra_categorical_covs']`` / ``obsm['_scvi_extra_continuous_covs']``.
+
+        Parameters
+        ----------
+        adata
+            AnnData, or MuData whose ``modality`` holds the RNA counts and the obs columns below.
+        perturbation_key
+            obs column with each cell's perturbation label (e.g. its target gene).
+        control
+            Label(s) of control cells, e.g. ``"non-targeting"``.
+        exclude
+            Label(s) to leave out of training, e.g. ``["multiple"]``.
+        layer
+            Layer with raw UMI counts; ``None`` uses ``X``. Kept sparse.
+        batch_key
+            obs column of the batch / replicate. Steps pair controls and targets within a batch.
+        categorical_covariate_keys
+            Further categorical obs columns (cell line, ...), given to encoders and decoder.
+        continuous_covariate_keys
+            Continuous obs columns (e.g. percent mito), given to encoders and decoder.
+        modality
+            Modality to register when ``adata`` is a MuData.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        parent_obs = adata.obs if isinstance(adata, MuData) else None
+        adata = resolve_modality(adata, modality)
+        control_labels = as_label_list(control)
+        excluded_labels = as_label_list(exclude)
+        categorical_covariate_keys = list(categorical_covariate_keys or [])
+        continuous_covariate_keys = list(continuous_covariate_keys or [])
+        transferring = kwargs.get("source_registry") is not None
+
+        if not control_labels:
+            raise ValueError("control must name at least one control label, e.g. 'non-targeting'.")
+        overlap = set(control_labels) & set(excluded_labels)
+        if overlap:
+            raise ValueError(f"Labels {sorted(overlap)} are both control and excluded.")
+        if perturbation_key not in adata.obs and not transferring:
+            validate_covariates(adata, {perturbation_key: "Perturbation key"}, [], parent_obs)
+        categorical = {key: "Categorical covariate" for key in categorical_covariate_keys}
+        if batch_key is not None:
+            categorical[batch_key] = "Batch key"
+        validate_covariates(adata, categorical, continuous_covariate_keys, parent_obs)
+        source = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        validate_counts(get_count_matrix(adata, layer), source, adata.obs_names)
+        if not transferring:
+            assign_groups(
+                adata.obs[perturbation_key], control_labels, excluded_labels, perturbation_key
+            )
+
+        fields = [
+            # Counts were validated above, with clearer messages than the field's own check.
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            PerturbationGroupField(perturbation_key, control_labels, excluded_labels),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
+            NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
+        ]
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        train_size: float = 0.9,
+        lr: float = 1e-3,
+        n_epochs_kl_warmup: int | None = None,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 20,
+        stratify_by_batch: bool = True,
+        seed: int = 0,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Train on paired control/perturbed minibatches.
+
+        Parameters
+        ----------
+        max_epochs
+            Maximum passes over the larger of the two groups. Default: scvi-tools' heuristic
+            (400, fewer above 20,000 training cells).
+        batch_size
+            Cells per group per step (a step holds a control and a perturbed minibatch).
+        train_size
+            Fraction of each group and batch used for training; the rest is the validation set.
+        lr
+            Adam learning rate.
+        n_epochs_kl_warmup
+            Epochs over which the KL and Wasserstein weight rises from ~0 to 1. Default: a
+            quarter of ``max_epochs``.
+        early_stopping
+            Stop when the validation ELBO has not improved for ``early_stopping_patience``
+            epochs (counted after the warm-up).
+        early_stopping_patience
+            See ``early_stopping``.
+        stratify_by_batch
+            Draw each step's controls and perturbed cells from the same batch.
+        seed
+            Seed of the split, the pairing, the initialisation and the sampling.
+        accelerator, devices
+            Lightning accelerator and devices; ``"auto"`` uses a GPU when present.
+        plan_kwargs
+            Further arguments of :class:`~pertpy_contrastive._training_plan.ContrastiveTrainingPlan`.
+        **trainer_kwargs
+            Further arguments of :class:`~scvi.train.Trainer` (e.g. ``gradient_clip_val``).
+        """
+        pl.seed_everything(seed, verbose=False)
+        pyro.set_rng_seed(seed)
+        data_splitter = self._data_splitter_cls(
+            self.adata_manager,
+            train_size=train_size,
+            batch_size=batch_size,
+            seed=seed,
+            stratify_by_batch=stratify_by_batch,
+        )
+        if max_epochs is None:
+            max_epochs = get_max_epochs_heuristic(data_splitter.n_train)
+        if n_epochs_kl_warmup is None:
+            n_epochs_kl_warmup = max(1, math.ceil(max_epochs / 4))
+        if early_stopping and data_splitter.val_sampler is None:
+            logger.warning(
+                "No validation cells (train_size=%s): early stopping is off.", train_size
+            )
+            early_stopping = False
+        plan_kwargs = {"lr": lr, "n_epochs_kl_warmup": n_epochs_kl_warmup, **(plan_kwargs or {})}
+        training_plan = self._training_plan_cls(self.module, **plan_kwargs)
+        trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
+        trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
+        trainer_kwargs.setdefault(
+            "early_stopping_warmup_epochs", min(n_epochs_kl_warmup, max_epochs)
+        )
+        runner = self._train_runner_cls(
+            self,
+            training_plan=training_plan,
+            data_splitter=data_splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping,
+            **trainer_kwargs,
+        )
+        return runner()
+
+    # -- inference ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | MuData | None = None,
+        indices: Sequence[int] | None = None,
+        kind: Literal["salient", "background"] = "salient",
+        give_mean: bool = True,
+        batch_size: int = 1024,
+        modality: str = "rna",
+    ) -> np.ndarray:
+        """Posterior mean (or one sample) of the salient or background latent of each cell.
+
+        Control cells' salient latents are their encoder output, which training pulls towards 0;
+        it is not forced to 0, so it still shows whether a control looks perturbed.
+
+        Parameters
+        ----------
+        adata
+            Data to encode; defaults to the data the model was set up with. Must have the
+            model's genes in the same order.
+        indices
+            Cells to encode; default all.
+        kind
+            ``"salient"`` (perturbation-specific) or ``"background"`` (shared).
+        give_mean
+            Return the posterior mean; otherwise one posterior sample.
+        batch_size
+            Cells per inference minibatch.
+        modality
+            Modality to encode when ``adata`` is a MuData.
+
+        Returns
+        -------
+        Array of shape ``(n_cells, n_salient)`` or ``(n_cells, n_background)``.
+        """
+        if kind not in LATENT_KINDS:
+            raise ValueError(f"kind must be one of {LATENT_KINDS}, got {kind!r}.")
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
+        latents = []
+        for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
+            args, _ = self.module._get_fn_args_from_batch(tensors)
+            loc, scale = self.module.encode(*args)[kind]
+            latents.append(loc if give_mean else torch.distributions.Normal(loc, scale).sample())
+        latent = torch.cat(latents).cpu().numpy()
+        if not np.isfinite(latent).all():
+            raise FloatingPointError(
+                "The model produced non-finite latents. Retrain with a lower learning rate "
+                "or likelihood='nb'."
+            )
+        return latent
+
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
+        if adata is not None and adata is not self.adata:
+            _check_same_genes(np.asarray(self.adata.var_names), adata)
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    @property
+    def cell_groups(self) -> np.ndarray:
+        """:class:`~pertpy_contrastive._constants.CellGroup` code of each registered cell."""
+        return self.adata_manager.get_from_registry("contrastive_group").ravel().astype(int)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str,
+        adata: AnnData | MuData | None = None,
+        modality: str = "rna",
+        **kwargs,
+    ) -> ContrastiveVAE:
+        """Load a model saved with :meth:`save`.
+
+        Parameters
+        ----------
+        dir_path
+            Directory the model was saved to.
+        adata
+            Data to attach (AnnData or MuData); must have the training genes, in order. Default:
+            the AnnData saved with the model (``save(..., save_anndata=True)``).
+        modality
+            Modality to attach when ``adata`` is a MuData.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load`.
+        """
+        if adata is not None:
+            adata = resolve_modality(adata, modality)
+            _, var_names, _, _ = _load_saved_files(
+                dir_path, load_adata=False, prefix=kwargs.get("prefix"), map_location="cpu"
+            )
+            _check_same_genes(np.asarray(var_names), adata)
+        return super().load(dir_path, adata=adata, **kwargs)
+
+
+def _check_same_genes(expected: np.ndarray, adata: AnnData) -> None:
+    observed = np.asarray(adata.var_names).astype(str)
+    expected = expected.astype(str)
+    if np.array_equal(observed, expected):
+        return
+    if len(observed) == len(expected) and set(observed) == set(expected):
+        problem = "the same genes in a different order"
+    else:
+        missing = np.setdiff1d(expected, observed)
+        problem = (
+            f"{len(observed)} genes where the model has {len(expected)}; "
+            f"{len(missing)} model genes are missing (e.g. {list(missing[:5])})"
+        )
+    raise ValueError(
+        f"This AnnData has {problem}. The model needs exactly its training genes, in order: "
+        "subset and reorder with `adata = adata[:, model.adata.var_names].copy()` (genes absent "
+        "from your data cannot be filled in)."
+    )
+
+
+__all__ = ["CellGroup", "ContrastiveVAE"]

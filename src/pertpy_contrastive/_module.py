@@ -1,0 +1,259 @@
+"""The generative model and its amortised guide, in Pyro.
+
+Generative model, for cell n with covariates c_n (batch, categorical, continuous):
+
+    z_n ~ Normal(0, I)                                  background latent, every cell
+    s_n ~ Normal(0, I) if n is a target cell, else 0    salient latent, perturbed cells only
+    l_n = total counts of n (observed), or l_n ~ LogNormal(mu_batch, sigma_batch)
+    rho_n = softmax(f(z_n, s_n, c_n))                   decoder: per-gene proportions
+    x_ng ~ ZINB / NB / Poisson(mean = l_n * rho_ng, gene-wise dispersion theta_g)
+
+Guide: q(z_n | x_n, c_n) q(s_n | x_n, c_n) [q(l_n | x_n, c_n)], encoders on log-normalised
+counts. The encoders do not see the perturbation label (unless ``salient_encoder_sees_group``),
+so a cell's salient latent reflects its expression, not its guide.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from scvi import REGISTRY_KEYS
+from scvi.module.base import PyroBaseModuleClass, auto_move_data
+from scvi.nn import DecoderSCVI, Encoder
+from torch import nn
+
+from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, CellGroup
+from ._likelihoods import LIKELIHOODS, Likelihood, count_distribution
+
+_NORMALISED_LIBRARY = 1e4
+
+
+class ContrastivePyroModule(PyroBaseModuleClass):
+    """Pyro model and guide of :class:`~pertpy_contrastive.ContrastiveVAE`.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes.
+    n_background
+        Dimension of the background latent z.
+    n_salient
+        Dimension of the salient latent s.
+    n_batch
+        Number of batches (1 when no batch key is registered).
+    n_cats_per_cov
+        Number of categories of each extra categorical covariate.
+    n_continuous_cov
+        Number of continuous covariates.
+    n_hidden
+        Width of the hidden layers of encoders and decoder.
+    n_layers
+        Number of hidden layers of encoders and decoder.
+    dropout_rate
+        Dropout in the encoders.
+    likelihood
+        Count likelihood: ``"zinb"``, ``"nb"`` or ``"poisson"``.
+    use_observed_library
+        Use each cell's total count as its library size; otherwise the library size is latent,
+        with a per-batch log-normal prior.
+    library_log_means, library_log_vars
+        Per-batch prior mean and variance of the log library size (latent library only).
+    wasserstein_weight
+        Weight of the penalty that pulls controls' q(s) to the point mass at 0.
+    salient_encoder_sees_group
+        Give the salient encoder each cell's group (control / perturbed / excluded). Off by default.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_background: int = 10,
+        n_salient: int = 10,
+        n_batch: int = 1,
+        n_cats_per_cov: tuple[int, ...] = (),
+        n_continuous_cov: int = 0,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        likelihood: Likelihood = "zinb",
+        use_observed_library: bool = True,
+        library_log_means: torch.Tensor | None = None,
+        library_log_vars: torch.Tensor | None = None,
+        wasserstein_weight: float = 1.0,
+        salient_encoder_sees_group: bool = False,
+    ):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
+        self.n_background = n_background
+        self.n_salient = n_salient
+        self.likelihood = likelihood
+        self.use_observed_library = use_observed_library
+        self.wasserstein_weight = wasserstein_weight
+        self.salient_encoder_sees_group = salient_encoder_sees_group
+
+        covariate_sizes = [n_batch, *n_cats_per_cov]
+        network = {
+            "n_layers": n_layers,
+            "n_hidden": n_hidden,
+            "inject_covariates": True,
+            "use_batch_norm": True,
+            "use_layer_norm": False,
+        }
+        n_encoder_input = n_genes + n_continuous_cov
+        self.background_encoder = Encoder(
+            n_encoder_input,
+            n_background,
+            n_cat_list=covariate_sizes,
+            dropout_rate=dropout_rate,
+            **network,
+        )
+        self.salient_encoder = Encoder(
+            n_encoder_input,
+            n_salient,
+            n_cat_list=covariate_sizes + ([len(CellGroup)] if salient_encoder_sees_group else []),
+            dropout_rate=dropout_rate,
+            **network,
+        )
+        if not use_observed_library:
+            if library_log_means is None or library_log_vars is None:
+                raise ValueError("A latent library size needs library_log_means and _vars.")
+            self.register_buffer("library_log_means", torch.as_tensor(library_log_means).float())
+            self.register_buffer("library_log_vars", torch.as_tensor(library_log_vars).float())
+            self.library_encoder = Encoder(
+                n_encoder_input, 1, n_cat_list=covariate_sizes, dropout_rate=dropout_rate, **network
+            )
+        self.decoder = DecoderSCVI(
+            n_background + n_salient + n_continuous_cov,
+            n_genes,
+            n_cat_list=covariate_sizes,
+            **network,
+        )
+        # Gene-wise inverse dispersion theta_g, a point estimate kept in the state dict.
+        self.log_dispersion = nn.Parameter(torch.zeros(n_genes))
+
+    @property
+    def device(self) -> torch.device:
+        return self.log_dispersion.device
+
+    @staticmethod
+    def _get_fn_args_from_batch(tensors: dict[str, torch.Tensor]):
+        """Model/guide arguments from a minibatch of scvi-tools' registry tensors."""
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        # Absent covariates become zero-width tensors, so that model and guide take tensors only
+        # (as JIT tracing requires) and need no branches.
+        no_covariates = x.new_zeros((x.shape[0], 0))
+        args = (
+            x,
+            tensors[GROUP_KEY].reshape(-1).long(),
+            tensors[REGISTRY_KEYS.BATCH_KEY].long(),
+            tensors.get(REGISTRY_KEYS.CAT_COVS_KEY, no_covariates).long(),
+            tensors.get(REGISTRY_KEYS.CONT_COVS_KEY, no_covariates).float(),
+        )
+        cell_weight = tensors.get(CELL_WEIGHT_KEY)
+        return args, {"cell_weight": None if cell_weight is None else cell_weight.reshape(-1)}
+
+    # -- generative model ---------------------------------------------------------------------
+
+    @auto_move_data
+    def model(self, x, group, batch_index, cat_covs, cont_covs, cell_weight=None, kl_weight=1.0):
+        """Sample the generative model p(x, z, s, l | covariates)."""
+        # Parameters are this nn.Module's own, optimised by torch on the differentiable ELBO; no
+        # pyro.module call, so the global param store holds nothing and models do not collide.
+        n_cells = x.shape[0]
+        is_target = group == CellGroup.TARGET
+        covariates = _categorical_covariates(batch_index, cat_covs)
+        # Controls and targets are drawn at different rates; cell_weight rescales each cell so
+        # the minibatch ELBO is an unbiased estimate of the training-set ELBO (per cell).
+        with pyro.plate("cells", n_cells), poutine.scale(scale=_scale(cell_weight)):
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("background", _standard_normal(x, n_cells, self.n_background))
+                with poutine.mask(mask=is_target):
+                    s = pyro.sample("salient", _standard_normal(x, n_cells, self.n_salient))
+            # Controls carry no perturbation: their salient latent is exactly zero.
+            s = s * is_target.unsqueeze(-1)
+            if self.use_observed_library:
+                log_library = x.sum(-1, keepdim=True).log()
+            else:
+                prior_loc = self.library_log_means[batch_index.reshape(-1)].unsqueeze(-1)
+                prior_scale = self.library_log_vars[batch_index.reshape(-1)].sqrt().unsqueeze(-1)
+                log_library = pyro.sample(
+                    "log_library", dist.Normal(prior_loc, prior_scale).to_event(1)
+                )
+            rate, gate_logits = self._decode(z, s, cont_covs, log_library, covariates)
+            counts = count_distribution(
+                self.likelihood, rate, self.log_dispersion.exp(), gate_logits
+            )
+            pyro.sample("counts", counts.to_event(1), obs=x)
+
+    def _decode(self, z, s, cont_covs, log_library, covariates):
+        decoder_input = torch.cat([z, s, cont_covs], dim=-1)
+        _, _, rate, gate_logits = self.decoder("gene", decoder_input, log_library, *covariates)
+        return rate, gate_logits
+
+    # -- guide --------------------------------------------------------------------------------
+
+    @auto_move_data
+    def guide(self, x, group, batch_index, cat_covs, cont_covs, cell_weight=None, kl_weight=1.0):
+        """Sample the amortised mean-field guide q(z | x) q(s | x) [q(l | x)]."""
+        n_cells = x.shape[0]
+        is_target = group == CellGroup.TARGET
+        posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)
+        with pyro.plate("cells", n_cells), poutine.scale(scale=_scale(cell_weight)):
+            with poutine.scale(scale=kl_weight):
+                pyro.sample("background", dist.Normal(*posterior["background"]).to_event(1))
+                with poutine.mask(mask=is_target):
+                    pyro.sample("salient", dist.Normal(*posterior["salient"]).to_event(1))
+                # A control's salient latent is a point mass at 0, to which the KL is infinite.
+                # Its q(s | x) is pulled there by the squared 2-Wasserstein distance
+                # ||mu||^2 + sum(sigma^2) instead. A guide factor adds to log q, so a positive
+                # value raises the loss.
+                salient_loc, salient_scale = posterior["salient"]
+                distance = (salient_loc.square() + salient_scale.square()).sum(-1)
+                is_background = (group == CellGroup.BACKGROUND).to(distance.dtype)
+                pyro.factor(
+                    "background_salient_wasserstein",
+                    self.wasserstein_weight * distance * is_background,
+                    has_rsample=True,
+                )
+            if not self.use_observed_library:
+                pyro.sample("log_library", dist.Normal(*posterior["log_library"]).to_event(1))
+
+    def encode(self, x, group, batch_index, cat_covs, cont_covs) -> dict[str, tuple]:
+        """Posterior ``(loc, scale)`` of each latent from counts and covariates."""
+        normalised = x / x.sum(-1, keepdim=True).clamp(min=1.0) * _NORMALISED_LIBRARY
+        encoder_input = torch.cat([torch.log1p(normalised), cont_covs], dim=-1)
+        covariates = _categorical_covariates(batch_index, cat_covs)
+        salient_covariates = covariates
+        if self.salient_encoder_sees_group:
+            salient_covariates = (*covariates, group.unsqueeze(-1))
+        posterior = {
+            "background": _loc_scale(self.background_encoder, encoder_input, covariates),
+            "salient": _loc_scale(self.salient_encoder, encoder_input, salient_covariates),
+        }
+        if not self.use_observed_library:
+            # The library encoder must see depth, so it reads unnormalised log counts.
+            library_input = torch.cat([torch.log1p(x), cont_covs], dim=-1)
+            posterior["log_library"] = _loc_scale(self.library_encoder, library_input, covariates)
+        return posterior
+
+
+def _categorical_covariates(batch_index, cat_covs) -> tuple[torch.Tensor, ...]:
+    """Batch and extra categorical codes as the ``(n_cells, 1)`` columns scvi.nn layers take."""
+    return (batch_index, *(column.unsqueeze(-1) for column in cat_covs.unbind(-1)))
+
+
+def _scale(cell_weight):
+    return 1.0 if cell_weight is None else cell_weight
+
+
+def _standard_normal(like: torch.Tensor, n_cells: int, dim: int) -> dist.TorchDistribution:
+    zeros = like.new_zeros((n_cells, dim))
+    return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+
+
+def _loc_scale(encoder: Encoder, encoder_input, covariates) -> tuple[torch.Tensor, torch.Tensor]:
+    loc, variance, _ = encoder(encoder_input, *covariates)
+    return loc, variance.sqrt()

@@ -1,0 +1,104 @@
+"""Lightning training of the Pyro module on the differentiable ELBO.
+
+scvi-tools' ``LowLevelPyroTrainingPlan`` already optimises ``Trace_ELBO.differentiable_loss`` with
+a torch optimiser under Lightning (no ``SVI.step``, no param store). This subclass adds what it
+lacks: a validation ELBO for early stopping, KL warm-up passed to model and guide, and a clear
+stop when the loss diverges.
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from scvi.train import LowLevelPyroTrainingPlan
+
+from ._constants import CELL_WEIGHT_KEY
+from ._module import ContrastivePyroModule
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
+    """Training plan of :class:`~pertpy_contrastive.ContrastiveVAE`.
+
+    Parameters
+    ----------
+    pyro_module
+        The module to train.
+    lr
+        Adam learning rate.
+    weight_decay
+        Adam weight decay.
+    n_epochs_kl_warmup
+        Epochs over which the weight of the latent KL and Wasserstein terms rises from
+        ``min_kl_weight`` to ``max_kl_weight``.
+    n_steps_kl_warmup
+        The same in steps; used only when ``n_epochs_kl_warmup`` is ``None``.
+    min_kl_weight, max_kl_weight
+        Range of the warm-up weight (Pyro needs a positive scale, hence not 0).
+    """
+
+    def __init__(
+        self,
+        pyro_module: ContrastivePyroModule,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        n_epochs_kl_warmup: int | None = None,
+        n_steps_kl_warmup: int | None = None,
+        min_kl_weight: float = 1e-6,
+        max_kl_weight: float = 1.0,
+    ):
+        super().__init__(
+            pyro_module,
+            loss_fn=pyro.infer.Trace_ELBO(),
+            optim=torch.optim.Adam,
+            optim_kwargs={"lr": lr, "weight_decay": weight_decay},
+            n_epochs_kl_warmup=n_epochs_kl_warmup,
+            n_steps_kl_warmup=n_steps_kl_warmup,
+            min_kl_weight=min_kl_weight,
+            max_kl_weight=max_kl_weight,
+        )
+
+    def _negative_elbo(self, batch: dict[str, torch.Tensor], kl_weight: float) -> torch.Tensor:
+        args, kwargs = self.module._get_fn_args_from_batch(batch)
+        # Inputs were validated once at setup; Pyro's per-step shape and support checks cost
+        # about 5% of a step.
+        with pyro.validation_enabled(False):
+            return self.differentiable_loss_fn(
+                self.module.model, self.module.guide, *args, kl_weight=kl_weight, **kwargs
+            )
+
+    def configure_optimizers(self):
+        """Adam; the fused kernel where available (CPU, CUDA) saves ~10% of a CPU step."""
+        fused = self.device.type in ("cpu", "cuda")
+        return self.optim(self.module.parameters(), **self.optim_kwargs, fused=fused)
+
+    def training_step(self, batch, batch_idx):
+        """Negative ELBO of one paired step, with the current KL warm-up weight."""
+        kl_weight = float(self.kl_weight)
+        loss = self._negative_elbo(batch, kl_weight)
+        if not torch.isfinite(loss):
+            # Raised before the optimiser step, so the parameters stay finite.
+            raise TrainingDivergedError(
+                f"Training diverged: the loss became {loss.item()} at epoch {self.current_epoch}, "
+                f"step {self.global_step}. Try a lower learning rate (lr=1e-4), "
+                "likelihood='nb', gradient clipping (gradient_clip_val=1.0), and check the "
+                "counts for extreme outliers. The model is left as it was before this step."
+            )
+        n_cells = len(batch[CELL_WEIGHT_KEY])
+        self.log(
+            "elbo_train", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n_cells
+        )
+        self.log("kl_weight", kl_weight, on_step=False, on_epoch=True, batch_size=n_cells)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        """Negative ELBO of one validation step, at full KL weight."""
+        loss = self._negative_elbo(batch, kl_weight=1.0)
+        n_cells = len(batch[CELL_WEIGHT_KEY])
+        self.log("elbo_validation", loss, on_epoch=True, prog_bar=True, batch_size=n_cells)
+
+    def on_train_epoch_end(self):
+        """Metrics are logged per step with ``on_epoch=True``; nothing is left to reduce."""
