@@ -10,7 +10,7 @@ also adds two ``logsigmoid`` passes. The formulas are scvi-tools' ``log_nb_posit
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pyro.distributions as dist
 import torch
@@ -35,7 +35,7 @@ class NegativeBinomial(dist.TorchDistribution):
         that ``lgamma(theta)`` is evaluated once per gene.
     """
 
-    arg_constraints = {"mu": constraints.positive, "theta": constraints.positive}
+    arg_constraints: ClassVar = {"mu": constraints.positive, "theta": constraints.positive}
     support = constraints.nonnegative_integer
     has_rsample = False
 
@@ -65,7 +65,7 @@ class NegativeBinomial(dist.TorchDistribution):
         return self._log_prob_terms(value)[1]
 
     @torch.no_grad()
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape=()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         theta = self.theta.expand(shape)
         rate = torch.distributions.Gamma(theta, theta / self.mu.expand(shape)).sample()
@@ -78,7 +78,7 @@ class NegativeBinomial(dist.TorchDistribution):
 class ZeroInflatedNegativeBinomial(NegativeBinomial):
     """Negative binomial mixed with a point mass at zero of probability ``sigmoid(gate_logits)``."""
 
-    arg_constraints = {
+    arg_constraints: ClassVar = {
         "mu": constraints.positive,
         "theta": constraints.positive,
         "gate_logits": constraints.real,
@@ -101,7 +101,7 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         return torch.where(value == 0, zero, log_gate - self.gate_logits + nb_log_prob)
 
     @torch.no_grad()
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape=()) -> torch.Tensor:
         counts = super().sample(sample_shape)
         gate = torch.sigmoid(self.gate_logits).expand(counts.shape)
         return torch.where(torch.bernoulli(gate).bool(), torch.zeros_like(counts), counts)

@@ -77,6 +77,8 @@ class ContrastiveVAE(BaseModelClass):
         Opt-in: give the salient encoder each cell's group (control / perturbed / excluded). This
         can sharpen the contrast, but the salient latent then depends on the guide label and can
         no longer show that a labelled cell looks unperturbed (an escaper) on its own.
+    seed
+        Seed of the initial network weights (training has its own seed, see :meth:`train`).
     modality
         Modality to model when ``adata`` is a MuData.
 
@@ -105,6 +107,7 @@ class ContrastiveVAE(BaseModelClass):
         use_observed_library: bool = True,
         wasserstein_weight: float = 1.0,
         salient_encoder_sees_group: bool = False,
+        seed: int = 0,
         modality: str = "rna",
     ):
         adata = resolve_modality(adata, modality)
@@ -114,23 +117,25 @@ class ContrastiveVAE(BaseModelClass):
         if not use_observed_library:
             library_log_means, library_log_vars = _init_library_size(self.adata_manager, n_batch)
         cat_covs_registry = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY)
-        self.module = self._module_cls(
-            n_genes=self.summary_stats.n_vars,
-            n_background=n_background,
-            n_salient=n_salient,
-            n_batch=n_batch,
-            n_cats_per_cov=tuple(cat_covs_registry.get("n_cats_per_key", ())),
-            n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            likelihood=likelihood,
-            use_observed_library=use_observed_library,
-            library_log_means=None if library_log_means is None else library_log_means.ravel(),
-            library_log_vars=None if library_log_vars is None else library_log_vars.ravel(),
-            wasserstein_weight=wasserstein_weight,
-            salient_encoder_sees_group=salient_encoder_sees_group,
-        )
+        with torch.random.fork_rng(devices=[]):  # seeds the initial weights, not the session
+            torch.manual_seed(seed)
+            self.module = self._module_cls(
+                n_genes=self.summary_stats.n_vars,
+                n_background=n_background,
+                n_salient=n_salient,
+                n_batch=n_batch,
+                n_cats_per_cov=tuple(cat_covs_registry.get("n_cats_per_key", ())),
+                n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
+                n_hidden=n_hidden,
+                n_layers=n_layers,
+                dropout_rate=dropout_rate,
+                likelihood=likelihood,
+                use_observed_library=use_observed_library,
+                library_log_means=None if library_log_means is None else library_log_means.ravel(),
+                library_log_vars=None if library_log_vars is None else library_log_vars.ravel(),
+                wasserstein_weight=wasserstein_weight,
+                salient_encoder_sees_group=salient_encoder_sees_group,
+            )
         self._model_summary_string = (
             f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "
             f"n_hidden={n_hidden}, n_layers={n_layers}, likelihood={likelihood}, "
@@ -295,6 +300,7 @@ class ContrastiveVAE(BaseModelClass):
             )
             early_stopping = False
         plan_kwargs = {"lr": lr, "n_epochs_kl_warmup": n_epochs_kl_warmup, **(plan_kwargs or {})}
+        self.module.train()  # a trained model is left in eval mode; training resumes from it
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
         trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
         trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)

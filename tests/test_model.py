@@ -1,0 +1,230 @@
+"""Training, latents, covariates, likelihoods, save/load and divergence of ContrastiveVAE."""
+
+import mudata as md
+import numpy as np
+import pytest
+import torch
+from _helpers import CONTROL, quick_train, setup
+
+import pertpy_contrastive as pc
+from pertpy_contrastive import _module
+from pertpy_contrastive._constants import CellGroup
+from pertpy_contrastive._module import _categorical_covariates as covariates
+
+
+def test_train_records_history_and_gives_finite_latents(screen):
+    setup(screen, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen, n_salient=4, n_background=6), max_epochs=4)
+    assert model.is_trained
+    assert len(model.history["elbo_train"]) == 4
+    assert len(model.history["elbo_validation"]) == 4  # early stopping validates every epoch
+    salient = model.get_latent_representation(kind="salient")
+    background = model.get_latent_representation(kind="background")
+    assert salient.shape == (screen.n_obs, 4)
+    assert background.shape == (screen.n_obs, 6)
+    assert np.isfinite(salient).all() and np.isfinite(background).all()
+
+
+def test_training_lowers_the_validation_loss(screen):
+    setup(screen, batch_key="batch")
+    model = quick_train(
+        pc.ContrastiveVAE(screen), max_epochs=15, early_stopping=False, check_val_every_n_epoch=1
+    )
+    validation = model.history["elbo_validation"].to_numpy(dtype=float).ravel()
+    assert validation[-1] < validation[0]
+
+
+def test_controls_salient_latent_is_pulled_to_zero(screen):
+    setup(screen, batch_key="batch")
+    responders = screen.obs["responder"].to_numpy()
+    control_norm = {}
+    for weight in (0.0, 1.0):
+        model = pc.ContrastiveVAE(screen, wasserstein_weight=weight)
+        quick_train(model, max_epochs=30, early_stopping=False)
+        norm = np.linalg.norm(model.get_latent_representation(kind="salient"), axis=1)
+        control_norm[weight] = norm[model.cell_groups == CellGroup.BACKGROUND].mean()
+    assert control_norm[1.0] < 0.85 * control_norm[0.0]
+    assert control_norm[1.0] < 0.7 * norm[responders].mean()
+
+
+def test_same_seed_same_latents(screen):
+    setup(screen, batch_key="batch")
+    first = quick_train(pc.ContrastiveVAE(screen, seed=3), seed=3).get_latent_representation()
+    second = quick_train(pc.ContrastiveVAE(screen, seed=3), seed=3).get_latent_representation()
+    third = quick_train(pc.ContrastiveVAE(screen, seed=4), seed=4).get_latent_representation()
+    np.testing.assert_array_equal(first, second)
+    assert not np.allclose(first, third)
+
+
+def test_save_load_round_trip_is_exact(screen, tmp_path):
+    setup(screen, batch_key="batch", continuous_covariate_keys=["stress"])
+    model = quick_train(pc.ContrastiveVAE(screen, likelihood="nb"))
+    model.save(tmp_path / "model", save_anndata=True)
+    for loaded in (
+        pc.ContrastiveVAE.load(tmp_path / "model", adata=screen),
+        pc.ContrastiveVAE.load(tmp_path / "model"),
+    ):
+        for kind in ("salient", "background"):
+            np.testing.assert_array_equal(
+                loaded.get_latent_representation(kind=kind),
+                model.get_latent_representation(kind=kind),
+            )
+        torch.testing.assert_close(loaded.module.log_dispersion, model.module.log_dispersion)
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
+def test_each_likelihood_trains(screen, likelihood):
+    setup(screen)
+    model = quick_train(pc.ContrastiveVAE(screen, likelihood=likelihood), max_epochs=2)
+    assert np.isfinite(model.history["elbo_train"].to_numpy(dtype=float)).all()
+
+
+def test_unknown_likelihood(screen):
+    setup(screen)
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        pc.ContrastiveVAE(screen, likelihood="gaussian")
+
+
+def test_latent_library_size(screen):
+    setup(screen, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen, use_observed_library=False))
+    assert model.module.library_log_means.shape == (2,)
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+def _minibatch(model, n_cells=16):
+    loader = model._make_data_loader(model.adata, indices=np.arange(n_cells), batch_size=n_cells)
+    args, _ = model.module._get_fn_args_from_batch(next(iter(loader)))
+    return list(args)
+
+
+def test_covariates_reach_encoders_and_decoder(screen):
+    setup(
+        screen,
+        batch_key="batch",
+        categorical_covariate_keys=["subclone"],
+        continuous_covariate_keys=["stress"],
+    )
+    model = quick_train(pc.ContrastiveVAE(screen), max_epochs=1)
+    module = model.module.eval()
+    x, group, batch_index, cat_covs, cont_covs = _minibatch(model)
+    with torch.no_grad():
+        reference = module.encode(x, group, batch_index, cat_covs, cont_covs)
+        z, s = reference["background"][0], reference["salient"][0]
+        library = x.sum(-1, keepdim=True).log()
+        rate = module._decode(z, s, cont_covs, library, covariates(batch_index, cat_covs))[0]
+        changes = {
+            "batch": (1 - batch_index, cat_covs, cont_covs),
+            "categorical": (batch_index, (cat_covs + 1) % 3, cont_covs),
+            "continuous": (batch_index, cat_covs, cont_covs + 1.0),
+        }
+        for name, (b, c, k) in changes.items():
+            encoded = module.encode(x, group, b, c, k)
+            for latent in ("background", "salient"):
+                assert not torch.allclose(encoded[latent][0], reference[latent][0]), (name, latent)
+            decoded = module._decode(z, s, k, library, covariates(b, c))[0]
+            assert not torch.allclose(decoded, rate), name
+
+
+def test_encoders_ignore_the_label_unless_asked(screen):
+    setup(screen)
+    model = quick_train(pc.ContrastiveVAE(screen), max_epochs=1)
+    x, group, *rest = _minibatch(model)
+    flipped = torch.full_like(group, CellGroup.BACKGROUND)
+    module = model.module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module.encode(x, group, *rest)["salient"][0],
+            module.encode(x, flipped, *rest)["salient"][0],
+        )
+
+    aware = quick_train(pc.ContrastiveVAE(screen, salient_encoder_sees_group=True), max_epochs=1)
+    module = aware.module.eval()
+    x, group, *rest = _minibatch(aware)
+    group = torch.full_like(group, CellGroup.TARGET)
+    with torch.no_grad():
+        assert not torch.allclose(
+            module.encode(x, group, *rest)["salient"][0],
+            module.encode(x, torch.full_like(group, CellGroup.BACKGROUND), *rest)["salient"][0],
+        )
+
+
+def test_excluded_cells_are_not_trained_on_but_get_latents(screen):
+    screen.obs["perturbation"] = screen.obs["perturbation"].astype(str)
+    screen.obs.iloc[:50, screen.obs.columns.get_loc("perturbation")] = np.nan
+    screen.obs.iloc[50:80, screen.obs.columns.get_loc("perturbation")] = "multiple"
+    setup(screen, exclude=["multiple"], batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen))
+    groups = model.cell_groups
+    assert (groups[:80] == CellGroup.EXCLUDED).all()
+    trained_on = np.concatenate([model.train_indices, model.validation_indices])
+    assert not np.isin(np.arange(80), trained_on).any()
+    assert np.isfinite(model.get_latent_representation()[:80]).all()
+
+
+def test_mudata_modality(screen):
+    mdata = md.MuData({"rna": screen})
+    setup(mdata, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(mdata))
+    np.testing.assert_array_equal(
+        model.get_latent_representation(mdata), model.get_latent_representation(screen)
+    )
+
+
+def test_latents_for_new_data_without_labels(screen):
+    setup(screen, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen))
+    new = screen[:100].copy()
+    expected = model.get_latent_representation(indices=np.arange(100))
+    del new.obs["perturbation"]
+    for key in list(new.obs):
+        if key.startswith("_scvi"):
+            del new.obs[key]
+    del new.uns["_scvi_uuid"], new.uns["_scvi_manager_uuid"]
+    np.testing.assert_allclose(model.get_latent_representation(new), expected, atol=1e-5)
+
+
+def test_posterior_sample_differs_from_mean(screen):
+    setup(screen)
+    model = quick_train(pc.ContrastiveVAE(screen), max_epochs=1)
+    mean = model.get_latent_representation()
+    sample = model.get_latent_representation(give_mean=False)
+    assert sample.shape == mean.shape and not np.allclose(sample, mean)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        model.get_latent_representation(kind="z")
+
+
+def test_untrained_model_gives_no_latents(screen):
+    setup(screen)
+    with pytest.raises(RuntimeError, match="train"):
+        pc.ContrastiveVAE(screen).get_latent_representation()
+
+
+def _poison_likelihood(monkeypatch):
+    real = _module.count_distribution
+
+    def nan_rate(likelihood, mean, theta, gate_logits):
+        return real(likelihood, mean * torch.nan, theta, gate_logits)
+
+    monkeypatch.setattr(_module, "count_distribution", nan_rate)
+
+
+def test_nan_loss_stops_with_advice_and_no_nan_latents(screen, monkeypatch):
+    setup(screen)
+    model = quick_train(pc.ContrastiveVAE(screen), max_epochs=2)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    latent = model.get_latent_representation()
+
+    _poison_likelihood(monkeypatch)
+    with pytest.raises(pc.TrainingDivergedError, match="lower learning rate"):
+        quick_train(model, max_epochs=2)
+    for key, value in model.module.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    np.testing.assert_array_equal(model.get_latent_representation(), latent)
+
+    fresh = pc.ContrastiveVAE(screen)
+    with pytest.raises(pc.TrainingDivergedError):
+        quick_train(fresh, max_epochs=2)
+    with pytest.raises(RuntimeError, match="train"):
+        fresh.get_latent_representation()
+    assert CONTROL in screen.obs["perturbation"].to_numpy()
