@@ -13,8 +13,8 @@ demo: venv
 	$(PY) scripts/demo.py --output outputs/demo_latents.h5ad
 
 lint: venv
-	$(PY) -m ruff check src tests benchmarks scripts
-	$(PY) -m ruff format --check src tests benchmarks scripts
+	$(PY) -m ruff check src tests benchmarks scripts tutorials
+	$(PY) -m ruff format --check src tests benchmarks scripts tutorials
 
 test: lint
 	$(PY) -m pytest

@@ -7,10 +7,11 @@ All four run in one process on the same simulated screen (known truth). Reported
 - background leakage, over all perturbed cells (lower is better): balanced 15-NN accuracy for
   the subclone, and 15-NN regression R^2 (5-fold CV) for the cell-cycle phase (cos, sin of the
   angle) and the stress state;
-- training seconds per epoch and peak extra resident memory while the method ran. Speed is
-  also given as a ratio to ContrastiveVI in the same run, since the machine is noisy.
+- training seconds per epoch and the peak rise of resident memory during the method's first run
+  (approximate: memory freed by earlier runs is reused). Speed is also given as a ratio to
+  ContrastiveVI trained with the same seed right before or after, since the machine is noisy.
 
-Run by hand:  .venv/bin/python benchmarks/benchmark_core.py [--epochs 30] [--output docs/benchmark_core.md]
+Run by hand (about 12 minutes on 2 cores):  make benchmark  (or: .venv/bin/python benchmarks/benchmark_core.py --help)
 """
 
 from __future__ import annotations
@@ -103,19 +104,22 @@ def log_normalised(adata):
     return normalised
 
 
-def run_contrastive_vae(adata, args):
+def run_contrastive_vae(adata, args, seed):
     data = adata.copy()
     pc.ContrastiveVAE.setup_anndata(
         data, perturbation_key="perturbation", control=CONTROL, batch_key="batch"
     )
-    model = pc.ContrastiveVAE(data, n_salient=args.n_salient, n_background=args.n_background)
+    model = pc.ContrastiveVAE(
+        data, n_salient=args.n_salient, n_background=args.n_background, seed=seed
+    )
     start = time.perf_counter()
-    model.train(max_epochs=args.epochs, early_stopping=False, enable_progress_bar=False, seed=0)
+    model.train(max_epochs=args.epochs, early_stopping=False, enable_progress_bar=False, seed=seed)
     seconds = time.perf_counter() - start
     return model.get_latent_representation(kind="salient"), seconds / args.epochs
 
 
-def run_contrastive_vi(adata, args):
+def run_contrastive_vi(adata, args, seed):
+    scvi.settings.seed = seed
     data = adata.copy()
     scvi.external.ContrastiveVI.setup_anndata(data, batch_key="batch")
     model = scvi.external.ContrastiveVI(
@@ -134,7 +138,7 @@ def run_contrastive_vi(adata, args):
     return model.get_latent_representation(representation_kind="salient"), seconds / args.epochs
 
 
-def run_mixscape(adata, args):
+def run_mixscape(adata, args, seed):
     data = log_normalised(adata)
     sc.pp.pca(data, n_comps=50)
     pt.tl.Mixscape().perturbation_signature(
@@ -146,28 +150,31 @@ def run_mixscape(adata, args):
     return signature.obsm["X_pca"], None
 
 
-def run_pca(adata, args):
+def run_pca(adata, args, seed):
     data = log_normalised(adata)
     sc.pp.pca(data, n_comps=args.n_salient)
     return data.obsm["X_pca"], None
 
 
+# name -> (runner, whether it is stochastic and so is repeated over seeds)
 METHODS = {
-    "ContrastiveVAE (ours)": run_contrastive_vae,
-    "scvi-tools ContrastiveVI": run_contrastive_vi,
-    "Mixscape signature + PCA": run_mixscape,
-    "PCA of log-normalised counts": run_pca,
+    "ContrastiveVAE (ours)": (run_contrastive_vae, True),
+    "scvi-tools ContrastiveVI": (run_contrastive_vi, True),
+    "Mixscape signature + PCA": (run_mixscape, False),
+    "PCA of log-normalised counts": (run_pca, False),
 }
+METRICS = ("program_separation", "subclone_accuracy", "cell_cycle_r2", "stress_r2")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=10_000)
     parser.add_argument("--genes", type=int, default=2_000)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--n-salient", type=int, default=10)
     parser.add_argument("--n-background", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated screen")
+    parser.add_argument("--model-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=Path("docs/benchmark_core.md"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -175,36 +182,58 @@ def main():
     scvi.settings.seed = args.seed
 
     adata = pc.datasets.simulate_screen(n_cells=args.cells, n_genes=args.genes, seed=args.seed)
-    rows = []
-    for name, run in METHODS.items():
-        with PeakMemory() as memory:
-            embedding, seconds_per_epoch = run(adata, args)
-        row = {"method": name, "seconds_per_epoch": seconds_per_epoch, "memory_mb": memory.extra_mb}
-        row["program_separation"] = program_separation(embedding, adata.obs)
-        row.update(leakage(embedding, adata.obs))
-        rows.append(row)
-        print(row, flush=True)
+    runs = []  # one row per method and seed
+    # Seeds outermost, so that each time ratio compares runs made close together in time.
+    for seed in args.model_seeds:
+        for name, (run, stochastic) in METHODS.items():
+            if not stochastic and seed != args.model_seeds[0]:
+                continue
+            with PeakMemory() as memory:
+                embedding, seconds_per_epoch = run(adata, args, seed)
+            row = {"method": name, "seed": seed, "seconds_per_epoch": seconds_per_epoch}
+            row.update(
+                memory_mb=memory.extra_mb,
+                program_separation=program_separation(embedding, adata.obs),
+            )
+            row.update(leakage(embedding, adata.obs))
+            runs.append(row)
+            print(row, flush=True)
 
-    anchor = next(r for r in rows if r["method"] == "scvi-tools ContrastiveVI")
+    anchor_seconds = {
+        r["seed"]: r["seconds_per_epoch"] for r in runs if r["method"] == "scvi-tools ContrastiveVI"
+    }
+    for r in runs:
+        if r["seconds_per_epoch"] is not None:
+            r["time_ratio"] = r["seconds_per_epoch"] / anchor_seconds[r["seed"]]
+
+    def cell(values, digits=3):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "–"
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
     lines = [
         "| method | program separation (bal. acc., higher better) | subclone leakage (bal. acc.) "
         "| cell-cycle leakage (R²) | stress leakage (R²) | s / epoch | time ratio to ContrastiveVI "
-        "| peak extra memory (MB) |",
+        "| peak extra memory, first run (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        seconds = r["seconds_per_epoch"]
-        timing = "–" if seconds is None else f"{seconds:.2f}"
-        ratio = "–" if seconds is None else f"{seconds / anchor['seconds_per_epoch']:.2f}"
+    for name in METHODS:
+        rows = [r for r in runs if r["method"] == name]
+        metrics = " | ".join(cell([r[m] for r in rows]) for m in METRICS)
         lines.append(
-            f"| {r['method']} | {r['program_separation']:.3f} | {r['subclone_accuracy']:.3f} "
-            f"| {r['cell_cycle_r2']:.3f} | {r['stress_r2']:.3f} | {timing} | {ratio} "
-            f"| {r['memory_mb']:.0f} |"
+            f"| {name} | {metrics} | {cell([r['seconds_per_epoch'] for r in rows], 2)} "
+            f"| {cell([r.get('time_ratio') for r in rows], 2)} "
+            f"| {rows[0]['memory_mb']:.0f} |"
         )
     n_subclones = adata.obs["subclone"].nunique()
     header = (
         f"Simulated screen: {args.cells} cells × {args.genes} genes, seed {args.seed}; "
         f"{args.epochs} epochs, n_salient={args.n_salient}, n_background={args.n_background}, "
+        f"other settings at their defaults; the two VAEs are trained with model seeds "
+        f"{args.model_seeds} and reported as mean ± sd; "
         f"batch size 128 per group, {torch.get_num_threads()} torch threads, "
         f"{platform.processor() or platform.machine()}, CPU only. Chance level: program "
         f"separation {1 / adata.obs.loc[adata.obs.responder, 'program'].nunique():.3f}, subclone "
@@ -212,7 +241,8 @@ def main():
     )
     command = (
         f"`.venv/bin/python benchmarks/benchmark_core.py --cells {args.cells} --genes {args.genes} "
-        f"--epochs {args.epochs} --seed {args.seed}`"
+        f"--epochs {args.epochs} --seed {args.seed} "
+        f"--model-seeds {' '.join(map(str, args.model_seeds))}`"
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(

@@ -212,5 +212,5 @@ def test_setup_writes_only_documented_keys(screen):
     }
     assert set(screen.uns) - before["uns"] == {"_scvi_uuid", "_scvi_manager_uuid"}
     assert set(screen.layers) == before["layers"]
-    assert (screen.X != before["X"]).nnz == 0
+    assert (before["X"] != screen.X).nnz == 0
     assert sp.issparse(screen.X) and sp.issparse(screen.layers["counts"])

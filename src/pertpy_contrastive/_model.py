@@ -105,7 +105,7 @@ class ContrastiveVAE(BaseModelClass):
         dropout_rate: float = 0.1,
         likelihood: Likelihood = "zinb",
         use_observed_library: bool = True,
-        wasserstein_weight: float = 1.0,
+        wasserstein_weight: float = 5.0,
         salient_encoder_sees_group: bool = False,
         seed: int = 0,
         modality: str = "rna",
@@ -317,7 +317,10 @@ class ContrastiveVAE(BaseModelClass):
             early_stopping=early_stopping,
             **trainer_kwargs,
         )
-        return runner()
+        try:
+            return runner()
+        finally:
+            self.module.eval()  # also after a diverged run, so latents stay deterministic
 
     # -- inference ----------------------------------------------------------------------------
 

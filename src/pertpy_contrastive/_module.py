@@ -81,7 +81,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         use_observed_library: bool = True,
         library_log_means: torch.Tensor | None = None,
         library_log_vars: torch.Tensor | None = None,
-        wasserstein_weight: float = 1.0,
+        wasserstein_weight: float = 5.0,
         salient_encoder_sees_group: bool = False,
     ):
         super().__init__()

@@ -78,9 +78,12 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
     def training_step(self, batch, batch_idx):
         """Negative ELBO of one paired step, with the current KL warm-up weight."""
         kl_weight = float(self.kl_weight)
+        # The forward pass updates batch-norm statistics; keep them to undo a diverged step.
+        buffers = {name: buffer.clone() for name, buffer in self.module.named_buffers()}
         loss = self._negative_elbo(batch, kl_weight)
         if not torch.isfinite(loss):
-            # Raised before the optimiser step, so the parameters stay finite.
+            # Raised before the optimiser step, so the parameters stay as they were.
+            self.module.load_state_dict(buffers, strict=False)
             raise TrainingDivergedError(
                 f"Training diverged: the loss became {loss.item()} at epoch {self.current_epoch}, "
                 f"step {self.global_step}. Try a lower learning rate (lr=1e-4), "

@@ -1,0 +1,108 @@
+"""Paired, batch-stratified steps and their ELBO weights."""
+
+import numpy as np
+import pytest
+
+from pertpy_contrastive._constants import CellGroup
+from pertpy_contrastive._dataloading import PairedBatchSampler
+
+BACKGROUND, TARGET, EXCLUDED = CellGroup.BACKGROUND, CellGroup.TARGET, CellGroup.EXCLUDED
+
+
+@pytest.fixture
+def design():
+    rng = np.random.default_rng(0)
+    n_cells = 1000
+    groups = rng.choice([BACKGROUND, TARGET, EXCLUDED], size=n_cells, p=[0.2, 0.75, 0.05])
+    strata = rng.choice(3, size=n_cells, p=[0.5, 0.3, 0.2])
+    training = np.flatnonzero(groups != EXCLUDED)
+    return groups, strata, training
+
+
+def _epoch(sampler, epoch=0):
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_steps_pair_equal_halves_from_one_stratum(design):
+    groups, strata, training = design
+    sampler = PairedBatchSampler(groups, strata, training, batch_size=32, shuffle=True, seed=0)
+    steps = _epoch(sampler)
+    assert len(steps) == len(sampler)
+    for cells, weights in steps:
+        assert len(np.unique(strata[cells])) == 1
+        assert (groups[cells] == BACKGROUND).sum() == (groups[cells] == TARGET).sum()
+        assert not (groups[cells] == EXCLUDED).any()
+        assert len(np.unique(cells)) == len(cells)
+        assert np.all(np.diff(cells) > 0)
+        assert weights.shape == cells.shape and (weights > 0).all()
+
+
+def test_every_cell_of_the_larger_group_is_seen_each_epoch(design):
+    groups, strata, training = design
+    sampler = PairedBatchSampler(groups, strata, training, batch_size=32, shuffle=True, seed=0)
+    seen = np.concatenate([cells for cells, _ in _epoch(sampler)])
+    assert set(training[groups[training] == TARGET]) <= set(seen)
+    expected_steps = sum(
+        int(np.ceil(((groups == TARGET) & (strata == s)).sum() / 32)) for s in range(3)
+    )
+    assert len(sampler) == expected_steps
+
+
+def test_weights_make_each_step_an_unbiased_estimate(design):
+    groups, strata, training = design
+    sampler = PairedBatchSampler(groups, strata, training, batch_size=32, shuffle=True, seed=0)
+    steps = _epoch(sampler)
+    n_steps = len(steps)
+    # Averaged over an epoch, the weights of a group sum to its share of the training cells.
+    for group in (BACKGROUND, TARGET):
+        total = sum(weights[groups[cells] == group].sum() for cells, weights in steps)
+        share = (groups[training] == group).mean()
+        assert total / n_steps == pytest.approx(share, rel=1e-5)
+    # And a per-cell quantity averages to its mean over training cells (up to the cycling of
+    # the smaller group within an epoch).
+    values = np.random.default_rng(1).normal(5, 1, len(groups))
+    estimate = np.mean([(weights * values[cells]).sum() for cells, weights in steps])
+    assert estimate == pytest.approx(values[training].mean(), rel=0.02)
+
+
+def test_pairing_is_seeded_by_epoch(design):
+    groups, strata, training = design
+    sampler = PairedBatchSampler(groups, strata, training, batch_size=32, shuffle=True, seed=0)
+    again = PairedBatchSampler(groups, strata, training, batch_size=32, shuffle=True, seed=0)
+    first = [cells for cells, _ in _epoch(sampler, 0)]
+    assert all(
+        np.array_equal(a, b) for a, b in zip(first, [c for c, _ in _epoch(again, 0)], strict=False)
+    )
+    second = [cells for cells, _ in _epoch(sampler, 1)]
+    assert not all(np.array_equal(a, b) for a, b in zip(first, second, strict=False))
+    fixed = PairedBatchSampler(groups, strata, training, batch_size=32, shuffle=False, seed=0)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            [c for c, _ in _epoch(fixed, 0)], [c for c, _ in _epoch(fixed, 5)], strict=False
+        )
+    )
+
+
+def test_small_stratum_uses_smaller_steps_without_repeats():
+    groups = np.array([BACKGROUND] * 5 + [TARGET] * 40 + [BACKGROUND] * 50 + [TARGET] * 60)
+    strata = np.array([0] * 45 + [1] * 110)
+    sampler = PairedBatchSampler(
+        groups, strata, np.arange(len(groups)), batch_size=16, shuffle=True, seed=0
+    )
+    for cells, _ in sampler:
+        assert len(np.unique(cells)) == len(cells)
+        if strata[cells[0]] == 0:
+            assert len(cells) == 10
+
+
+def test_stratum_without_controls_is_an_error_only_for_training():
+    groups = np.array([TARGET] * 20 + [BACKGROUND] * 10 + [TARGET] * 10)
+    strata = np.array([0] * 20 + [1] * 20)
+    with pytest.raises(ValueError, match="Batch 0 .* has no control cells"):
+        PairedBatchSampler(groups, strata, np.arange(40), batch_size=4, shuffle=True, seed=0)
+    lenient = PairedBatchSampler(
+        groups, strata, np.arange(40), batch_size=4, shuffle=False, seed=0, strict=False
+    )
+    assert all(strata[cells[0]] == 1 for cells, _ in lenient)

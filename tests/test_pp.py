@@ -1,0 +1,90 @@
+"""pp.perturbation_labels on pertpy's guide-assignment outputs."""
+
+import numpy as np
+import pandas as pd
+import pertpy as pt
+import pytest
+from _helpers import CONTROL, quick_train
+
+import pertpy_contrastive as pc
+
+
+@pytest.fixture(scope="module")
+def papalexi():
+    return pc.datasets.papalexi2021_subset()
+
+
+def test_max_guide_labels_train_the_model(papalexi, caplog):
+    mdata = papalexi.copy()
+    guides = mdata["gdo"]
+    pt.pp.GuideAssignment().assign_to_max_guide(guides, assignment_threshold=5)
+    with caplog.at_level("INFO", logger="pertpy_contrastive"):
+        labels = pc.pp.perturbation_labels(mdata)
+    assert "control" in caplog.text and "no guide (excluded)" in caplog.text
+    assert labels is not None and mdata["rna"].obs["perturbation"].equals(labels)
+    expected = guides.obs["assigned_guide"].map(guides.var["target_gene"].to_dict())
+    assert (labels.astype(object).fillna("none") == expected.astype(object).fillna("none")).all()
+    assert (labels == CONTROL).sum() == 1200
+    pc.ContrastiveVAE.setup_anndata(
+        mdata, perturbation_key="perturbation", control=CONTROL, batch_key="replicate"
+    )
+    model = quick_train(pc.ContrastiveVAE(mdata), max_epochs=1, batch_size=64)
+    assert np.isfinite(model.get_latent_representation(mdata)).all()
+
+
+def test_threshold_layer_with_both_policies(papalexi):
+    mdata = papalexi.copy()
+    pt.pp.GuideAssignment().assign_by_threshold(mdata["gdo"], assignment_threshold=5)
+    layer = mdata["gdo"].layers["assigned_guides"]
+    n_guides = np.asarray((layer > 0).sum(axis=1)).ravel()
+    excluded = pc.pp.perturbation_labels(mdata, assignment="assigned_guides")
+    assert excluded[n_guides == 0].isna().all()
+    combined = pc.pp.perturbation_labels(
+        mdata, assignment="assigned_guides", multiple="combine", overwrite=True
+    )
+    several = combined.astype(str).str.contains("+", regex=False)
+    assert several.any()
+    assert excluded[several.to_numpy()].isna().all()
+    pairs = combined[several].astype(str).str.split("+")
+    assert all(p == sorted(p) and CONTROL not in p for p in pairs)
+    single = n_guides == 1
+    assert combined[single].notna().all()
+
+
+def _mixture_shaped(guides):
+    """Labels in the shape assign_mixture_model writes (it needs JAX, not installed in tests)."""
+    names = list(guides.var_names)
+    labels = ["negative", "multiple", f"{names[0]}+{names[6]}", names[6], f"{names[6]}+{names[7]}"]
+    return pd.Categorical(labels * (guides.n_obs // 5) + labels[: guides.n_obs % 5])
+
+
+def test_mixture_model_shaped_labels(papalexi):
+    guides = papalexi["gdo"].copy()
+    guides.obs["assigned_guide"] = _mixture_shaped(guides)
+    names = list(guides.var_names)
+    target = guides.var["target_gene"]
+    assert target[names[6]] == CONTROL and target[names[7]] == CONTROL
+    labels = pc.pp.perturbation_labels(guides, multiple="combine")
+    assert labels.iloc[:5].astype(object).tolist()[2:] == [target[names[0]], CONTROL, CONTROL]
+    assert labels.iloc[:2].isna().all()  # "negative" and "multiple" are excluded
+    assert guides.obs["perturbation"].equals(labels)
+
+
+def test_errors_name_the_fix(papalexi):
+    mdata = papalexi.copy()
+    with pytest.raises(KeyError, match="Run pt.pp.GuideAssignment first"):
+        pc.pp.perturbation_labels(mdata)
+    pt.pp.GuideAssignment().assign_to_max_guide(mdata["gdo"], assignment_threshold=5)
+    with pytest.raises(KeyError, match="target_key=<column> or guide_to_target"):
+        pc.pp.perturbation_labels(mdata, target_key="gene")
+    with pytest.raises(KeyError, match="have no target"):
+        pc.pp.perturbation_labels(mdata, guide_to_target={"CUL3g1": "CUL3"})
+    with pytest.raises(KeyError, match="no modality 'guides'"):
+        pc.pp.perturbation_labels(mdata, guide_modality="guides")
+    pc.pp.perturbation_labels(mdata)
+    before = mdata["rna"].obs["perturbation"].copy()
+    with pytest.raises(KeyError, match="already exists. Pass overwrite=True"):
+        pc.pp.perturbation_labels(mdata, multiple="combine")
+    assert mdata["rna"].obs["perturbation"].equals(before)
+    with pytest.raises(ValueError, match="multiple must be"):
+        pc.pp.perturbation_labels(mdata, multiple="keep", overwrite=True)
