@@ -1,6 +1,7 @@
 """Demo: train ContrastiveVAE on the bundled Papalexi 2021 THP-1 subset and write its latents.
 
-Guides are assigned with pertpy (``assign_to_max_guide``, 5 UMIs), mapped to target genes, and
+Guides are assigned with pertpy (``assign_to_max_guide``, 5 UMIs), mapped to target genes by
+``pertpy_contrastive.pp.perturbation_labels``, and
 the model contrasts perturbed cells with non-targeting controls within each replicate. The output
 ``.h5ad`` is the RNA modality with ``obsm['X_contrastive_salient']`` and
 ``obsm['X_contrastive_background']``. Nothing is downloaded.
@@ -23,14 +24,6 @@ import pertpy_contrastive as pc
 CONTROL = "non-targeting"
 
 
-def assign_targets(mdata) -> pd.Series:
-    """Target gene of each cell's strongest guide (NaN for cells below 5 guide UMIs)."""
-    guides = mdata["gdo"].copy()
-    pt.pp.GuideAssignment().assign_to_max_guide(guides, assignment_threshold=5)
-    target_of_guide = guides.var["target_gene"].to_dict()
-    return guides.obs["assigned_guide"].map(target_of_guide)  # "Negative" maps to NaN
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("outputs/demo_latents.h5ad"))
@@ -41,7 +34,8 @@ def main():
 
     mdata = pc.datasets.papalexi2021_subset()
     rna = mdata["rna"]
-    rna.obs["perturbation"] = assign_targets(mdata).to_numpy()
+    pt.pp.GuideAssignment().assign_to_max_guide(mdata["gdo"], assignment_threshold=5)
+    pc.pp.perturbation_labels(mdata, key_added="perturbation")  # guide -> target gene
     pc.ContrastiveVAE.setup_anndata(
         mdata,
         modality="rna",

@@ -89,15 +89,14 @@ print(summary)
 # ## 2. The Papalexi 2021 THP-1 screen
 #
 # The bundled subset has the `rna` and `gdo` (guide counts) modalities. pertpy assigns each
-# cell its strongest guide (at least 5 UMIs). `var['target_gene']` maps the guide to a target,
-# and cells without a guide stay unlabelled, which excludes them from training.
+# cell its strongest guide (at least 5 UMIs). `pc.pp.perturbation_labels` maps the guide to its
+# target through `var['target_gene']`; cells without a guide stay unlabelled, which excludes them
+# from training.
 
 # %%
 mdata = pc.datasets.papalexi2021_subset()
-guides = mdata["gdo"].copy()
-pt.pp.GuideAssignment().assign_to_max_guide(guides, assignment_threshold=5)
-targets = guides.obs["assigned_guide"].map(guides.var["target_gene"].to_dict())
-mdata["rna"].obs["perturbation"] = targets.to_numpy()
+pt.pp.GuideAssignment().assign_to_max_guide(mdata["gdo"], assignment_threshold=5)
+pc.pp.perturbation_labels(mdata)  # writes mdata["rna"].obs["perturbation"]
 
 pc.ContrastiveVAE.setup_anndata(
     mdata, perturbation_key="perturbation", control="non-targeting", batch_key="replicate"
