@@ -37,6 +37,7 @@ from ._data import (
     validate_covariates,
 )
 from ._dataloading import PairedDataSplitter
+from ._expression import ExpressionMixin
 from ._likelihoods import Likelihood
 from ._module import ContrastivePyroModule
 from ._training_plan import ContrastiveTrainingPlan
@@ -44,7 +45,7 @@ from ._training_plan import ContrastiveTrainingPlan
 logger = logging.getLogger(__name__)
 
 
-class ContrastiveVAE(BaseModelClass):
+class ContrastiveVAE(ExpressionMixin, BaseModelClass):
     """Contrastive VAE for CRISPR screens, written in Pyro.
 
     Every cell has a background latent; only perturbed (target) cells use the salient latent,

@@ -188,6 +188,12 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             )
             pyro.sample("counts", counts.to_event(1), obs=x)
 
+    def expression_proportions(self, z, s, batch_index, cat_covs, cont_covs) -> torch.Tensor:
+        """Decode per-gene proportions rho = softmax(f(z, s, c)), free of library size."""
+        covariates = _categorical_covariates(batch_index, cat_covs)
+        rate, _ = self._decode(z, s, cont_covs, z.new_zeros((z.shape[0], 1)), covariates)
+        return rate
+
     def _decode(self, z, s, cont_covs, log_library, covariates):
         decoder_input = torch.cat([z, s, cont_covs], dim=-1)
         _, _, rate, gate_logits = self.decoder("gene", decoder_input, log_library, *covariates)

@@ -1,0 +1,129 @@
+"""Latents, background-removed expression and effects written for pertpy's tests."""
+
+import numpy as np
+import pandas as pd
+import pertpy as pt
+import pytest
+from _helpers import CONTROL, setup
+
+import pertpy_contrastive as pc
+
+OUTPUT_KEYS = {
+    "obsm": ["X_contrastive_salient", "X_contrastive_background"],
+    "layers": ["contrastive_denoised", "contrastive_effect"],
+}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    adata = pc.datasets.simulate_screen(
+        n_cells=1500,
+        n_genes=200,
+        n_targets=6,
+        n_programs=2,
+        n_null_targets=2,
+        program_size=25,
+        effect_size=1.2,
+        seed=3,
+    )
+    setup(adata, batch_key="batch")
+    model = pc.ContrastiveVAE(adata, seed=0)
+    model.train(max_epochs=60, batch_size=64, early_stopping=False, enable_progress_bar=False)
+    model.write_outputs()
+    return adata, model
+
+
+def test_outputs_have_documented_keys_and_shapes(trained):
+    adata, _ = trained
+    for key in OUTPUT_KEYS["obsm"]:
+        assert adata.obsm[key].shape == (adata.n_obs, 10)
+    for key in OUTPUT_KEYS["layers"]:
+        layer = adata.layers[key]
+        assert layer.shape == adata.shape and layer.dtype == np.float32
+        assert np.isfinite(layer).all()
+    np.testing.assert_allclose(adata.layers["contrastive_denoised"].sum(axis=1), 1e4, rtol=1e-4)
+
+
+def test_outputs_never_overwrite_silently(trained):
+    adata, model = trained
+    before = adata.layers["contrastive_effect"].copy()
+    adata.layers["contrastive_effect"] += 1
+    changed = adata.layers["contrastive_effect"].copy()
+    with pytest.raises(KeyError, match="already exist. Pass overwrite=True"):
+        model.write_outputs()
+    np.testing.assert_array_equal(adata.layers["contrastive_effect"], changed)
+    model.write_outputs(overwrite=True)
+    np.testing.assert_allclose(adata.layers["contrastive_effect"], before, atol=1e-5)
+    written = model.write_outputs(adata.copy(), prefix="second")
+    assert "second_denoised" in written.layers and "X_second_salient" in written.obsm
+
+
+def test_denoised_expression_removes_background_keeps_programs(trained):
+    adata, _ = trained
+    obs = adata.obs
+    controls = (obs["perturbation"] == CONTROL).to_numpy()
+    raw = adata.X.toarray()
+    log_normalised = np.log1p(raw / raw.sum(1, keepdims=True) * 1e4)
+    denoised = np.log1p(adata.layers["contrastive_denoised"])
+    # Controls differ only by background, which the denoised layer removes.
+    assert denoised[controls].var(0).mean() < 0.2 * log_normalised[controls].var(0).mean()
+    # Responders keep their program: the shift from controls follows the true fold changes.
+    truth = adata.uns["simulation"]["program_lfc"]
+    for program in range(truth.shape[0]):
+        responders = ((obs["program"] == f"P{program}") & obs["responder"]).to_numpy()
+        shift = denoised[responders].mean(0) - denoised[controls].mean(0)
+        genes = truth[program] != 0
+        assert np.corrcoef(shift[genes], truth[program][genes])[0, 1] > 0.6
+
+
+def test_perturbation_effect_is_near_zero_for_controls(trained):
+    adata, _ = trained
+    effect = np.abs(adata.layers["contrastive_effect"]).mean(1)
+    controls = (adata.obs["perturbation"] == CONTROL).to_numpy()
+    responders = adata.obs["responder"].to_numpy()
+    assert effect[controls].mean() < 0.5 * effect[responders].mean()
+
+
+def test_fixed_reference_background(trained):
+    adata, model = trained
+    one_control = [int(np.flatnonzero(adata.obs["perturbation"] == CONTROL)[0])]
+    fixed = model.get_denoised_expression(reference_indices=one_control, indices=np.arange(20))
+    sampled = model.get_denoised_expression(indices=np.arange(20))
+    assert fixed.shape == sampled.shape == (20, adata.n_vars)
+    assert not np.allclose(fixed, sampled)
+
+
+def test_edistance_test_on_salient_latent(trained):
+    adata, _ = trained
+    table = pt.tl.DistanceTest("edistance", n_perms=200, obsm_key="X_contrastive_salient")(
+        adata, groupby="perturbation", contrast=CONTROL, show_progressbar=False
+    )
+    programs = adata.uns["simulation"]["target_program"]
+    effect_targets = [t for t, p in programs.items() if p != "none"]
+    assert table.loc[effect_targets, "significant_adj"].all()
+    distances = pt.tl.Distance("edistance", obsm_key="X_contrastive_salient").onesided_distances(
+        adata, groupby="perturbation", selected_group=CONTROL, show_progressbar=False, n_jobs=1
+    )
+    null_targets = [t for t, p in programs.items() if p == "none"]
+    assert distances[effect_targets].min() > distances[null_targets].max()
+
+
+def test_wilcoxon_on_denoised_layer(trained):
+    adata, _ = trained
+    subset = adata.copy()
+    subset.layers["log_denoised"] = np.log1p(subset.layers["contrastive_denoised"])
+    target = next(t for t, p in adata.uns["simulation"]["target_program"].items() if p == "P0")
+    result = pt.tl.WilcoxonTest.compare_groups(
+        subset,
+        column="perturbation",
+        baseline=CONTROL,
+        groups_to_compare=[target],
+        layer="log_denoised",
+    )
+    result = pd.DataFrame(result).set_index("variable")
+    assert (result.loc[result["adj_p_value"] < 0.05].index.isin(adata.var_names)).all()
+    program_genes = adata.var_names[adata.var["program"] == "P0"]
+    # Denoised values barely vary within a group, so the rank test calls any consistent shift,
+    # however small; the fold change ranks the program genes first.
+    top = result["log_fc"].abs().sort_values(ascending=False).index[: len(program_genes)]
+    assert len(set(top) & set(program_genes)) / len(program_genes) > 0.6
