@@ -127,3 +127,42 @@ def test_wilcoxon_on_denoised_layer(trained):
     # however small; the fold change ranks the program genes first.
     top = result["log_fc"].abs().sort_values(ascending=False).index[: len(program_genes)]
     assert len(set(top) & set(program_genes)) / len(program_genes) > 0.6
+
+
+IFN_GAMMA_PATHWAY = ["IFNGR1", "IFNGR2", "JAK2", "STAT1"]
+
+
+def test_papalexi_ifn_gamma_knockouts_stand_out():
+    mdata = pc.datasets.papalexi2021_subset()
+    pt.pp.GuideAssignment().assign_to_max_guide(mdata["gdo"], assignment_threshold=5)
+    pc.pp.perturbation_labels(mdata)
+    pc.ContrastiveVAE.setup_anndata(
+        mdata, perturbation_key="perturbation", control=CONTROL, batch_key="replicate"
+    )
+    model = pc.ContrastiveVAE(mdata)
+    model.train(max_epochs=100, enable_progress_bar=False)
+    rna = model.write_outputs(mdata)
+    others = ["CD86", "MYC", "SMAD4", "ATF2"]
+    subset = rna[rna.obs["perturbation"].isin([CONTROL, *IFN_GAMMA_PATHWAY, *others])].copy()
+    subset.obs["perturbation"] = subset.obs["perturbation"].astype(str)
+
+    table = pt.tl.DistanceTest("edistance", n_perms=1000, obsm_key="X_contrastive_salient")(
+        subset, groupby="perturbation", contrast=CONTROL, show_progressbar=False
+    )
+    assert table.loc[IFN_GAMMA_PATHWAY, "significant_adj"].all()
+    distances = pt.tl.Distance("edistance", obsm_key="X_contrastive_salient").onesided_distances(
+        subset, groupby="perturbation", selected_group=CONTROL, show_progressbar=False, n_jobs=1
+    )
+    assert distances[IFN_GAMMA_PATHWAY].min() > distances[others].max()
+
+    subset.layers["log_denoised"] = np.log1p(subset.layers["contrastive_denoised"])
+    result = pt.tl.WilcoxonTest.compare_groups(
+        subset,
+        column="perturbation",
+        baseline=CONTROL,
+        groups_to_compare=["STAT1"],
+        layer="log_denoised",
+    )
+    # The knocked-out gene keeps the direction of its knockdown (attenuated: see docs/outputs.md).
+    stat1 = result.set_index("variable").loc["STAT1"]
+    assert stat1["log_fc"] < 0 and stat1["adj_p_value"] < 0.05

@@ -12,7 +12,7 @@ import torch
 from anndata import AnnData
 from mudata import MuData
 
-from ._constants import CellGroup
+from ._constants import GROUP_KEY, CellGroup
 from ._data import resolve_modality
 
 # Cell-reference pairs decoded at once: bounds memory at about this many x n_genes floats.
@@ -89,7 +89,7 @@ class ExpressionMixin:
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
         if reference_indices is None:
-            groups = self.get_anndata_manager(adata).get_from_registry("contrastive_group").ravel()
+            groups = self.get_anndata_manager(adata).get_from_registry(GROUP_KEY).ravel()
             controls = np.flatnonzero(groups == CellGroup.BACKGROUND)
             if len(controls) == 0:
                 raise ValueError(

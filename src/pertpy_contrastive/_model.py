@@ -26,7 +26,7 @@ from scvi.model.base import BaseModelClass
 from scvi.model.base._save_load import _load_saved_files
 from scvi.train import TrainRunner
 
-from ._constants import LATENT_KINDS, CellGroup
+from ._constants import GROUP_KEY, LATENT_KINDS, CellGroup
 from ._data import (
     PerturbationGroupField,
     as_label_list,
@@ -385,7 +385,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
     @property
     def cell_groups(self) -> np.ndarray:
         """:class:`~pertpy_contrastive._constants.CellGroup` code of each registered cell."""
-        return self.adata_manager.get_from_registry("contrastive_group").ravel().astype(int)
+        return self.adata_manager.get_from_registry(GROUP_KEY).ravel().astype(int)
 
     @classmethod
     def load(
