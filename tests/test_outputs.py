@@ -132,7 +132,8 @@ def test_wilcoxon_on_denoised_layer(trained):
 IFN_GAMMA_PATHWAY = ["IFNGR1", "IFNGR2", "JAK2", "STAT1"]
 
 
-def test_papalexi_ifn_gamma_knockouts_stand_out():
+@pytest.fixture(scope="module")
+def papalexi_outputs():
     mdata = pc.datasets.papalexi2021_subset()
     pt.pp.GuideAssignment().assign_to_max_guide(mdata["gdo"], assignment_threshold=5)
     pc.pp.perturbation_labels(mdata)
@@ -141,7 +142,11 @@ def test_papalexi_ifn_gamma_knockouts_stand_out():
     )
     model = pc.ContrastiveVAE(mdata)
     model.train(max_epochs=100, enable_progress_bar=False)
-    rna = model.write_outputs(mdata)
+    return model.write_outputs(mdata)
+
+
+def test_papalexi_ifn_gamma_knockouts_stand_out(papalexi_outputs):
+    rna = papalexi_outputs
     others = ["CD86", "MYC", "SMAD4", "ATF2"]
     subset = rna[rna.obs["perturbation"].isin([CONTROL, *IFN_GAMMA_PATHWAY, *others])].copy()
     subset.obs["perturbation"] = subset.obs["perturbation"].astype(str)
@@ -166,3 +171,30 @@ def test_papalexi_ifn_gamma_knockouts_stand_out():
     # The knocked-out gene keeps the direction of its knockdown (attenuated: see docs/outputs.md).
     stat1 = result.set_index("variable").loc["STAT1"]
     assert stat1["log_fc"] < 0 and stat1["adj_p_value"] < 0.05
+
+
+def test_papalexi_responder_pseudobulk_into_pydeseq2(papalexi_outputs):
+    rna = papalexi_outputs
+    pseudobulk = pc.tl.responder_pseudobulk(rna, sample_key="replicate")
+    assert pseudobulk.X.dtype == np.int64 and (pseudobulk.X >= 0).all()
+    controls = pseudobulk.obs["perturbation"] == CONTROL
+    assert controls.sum() == 3 and (pseudobulk.obs["n_cells"] >= 10).all()
+    # Controls are summed whole; perturbed groups keep only their responders.
+    assert (
+        pseudobulk.obs.loc[controls, "n_cells"].sum() == (rna.obs["perturbation"] == CONTROL).sum()
+    )
+    stat1 = pseudobulk.obs["perturbation"] == "STAT1"
+    assert pseudobulk.obs.loc[stat1, "n_cells"].sum() < (rna.obs["perturbation"] == "STAT1").sum()
+    subset = pseudobulk[pseudobulk.obs["perturbation"].isin([CONTROL, "STAT1"])].copy()
+    result = pt.tl.PyDESeq2.compare_groups(
+        subset,
+        column="perturbation",
+        baseline=CONTROL,
+        groups_to_compare=["STAT1"],
+        paired_by="replicate",
+    )
+    result = result.set_index("variable")
+    assert result.loc["STAT1", "log_fc"] < 0
+    assert result.loc["STAT1", "adj_p_value"] < 0.05
+    with pytest.raises(KeyError, match="Run model.write_outputs"):
+        pc.tl.responder_pseudobulk(rna, salient_key="X_missing")
