@@ -198,3 +198,20 @@ def test_papalexi_responder_pseudobulk_into_pydeseq2(papalexi_outputs):
     assert result.loc["STAT1", "adj_p_value"] < 0.05
     with pytest.raises(KeyError, match="Run model.write_outputs"):
         pc.tl.responder_pseudobulk(rna, salient_key="X_missing")
+
+
+def test_simulated_responder_pseudobulk_into_pydeseq2(trained):
+    adata, _ = trained
+    pseudobulk = pc.tl.responder_pseudobulk(adata, sample_key="batch", min_cells=5)
+    target = next(t for t, p in adata.uns["simulation"]["target_program"].items() if p == "P0")
+    subset = pseudobulk[pseudobulk.obs["perturbation"].isin([CONTROL, target])].copy()
+    result = pt.tl.PyDESeq2.compare_groups(
+        subset,
+        column="perturbation",
+        baseline=CONTROL,
+        groups_to_compare=[target],
+        paired_by="batch",
+    ).set_index("variable")
+    program_genes = adata.var_names[adata.var["program"] == "P0"]
+    top = result.sort_values("p_value").index[: len(program_genes)]
+    assert len(set(top) & set(program_genes)) / len(program_genes) > 0.6
