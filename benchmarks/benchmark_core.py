@@ -113,7 +113,13 @@ def run_contrastive_vae(adata, args, seed):
         data, n_salient=args.n_salient, n_background=args.n_background, seed=seed
     )
     start = time.perf_counter()
-    model.train(max_epochs=args.epochs, early_stopping=False, enable_progress_bar=False, seed=seed)
+    model.train(
+        max_epochs=args.epochs,
+        n_epochs_kl_warmup=args.n_epochs_kl_warmup,
+        early_stopping=False,
+        enable_progress_bar=False,
+        seed=seed,
+    )
     seconds = time.perf_counter() - start
     return model.get_latent_representation(kind="salient"), seconds / args.epochs
 
@@ -174,6 +180,9 @@ def main():
     parser.add_argument("--n-salient", type=int, default=10)
     parser.add_argument("--n-background", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated screen")
+    parser.add_argument(
+        "--n-epochs-kl-warmup", type=int, default=None, help="ContrastiveVAE's KL warm-up"
+    )
     parser.add_argument("--model-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=Path("docs/benchmark_core.md"))
     args = parser.parse_args()
@@ -239,10 +248,12 @@ def main():
         f"separation {1 / adata.obs.loc[adata.obs.responder, 'program'].nunique():.3f}, subclone "
         f"{1 / n_subclones:.3f}, R² 0."
     )
+    warmup = args.n_epochs_kl_warmup
     command = (
         f"`.venv/bin/python benchmarks/benchmark_core.py --cells {args.cells} --genes {args.genes} "
         f"--epochs {args.epochs} --seed {args.seed} "
-        f"--model-seeds {' '.join(map(str, args.model_seeds))}`"
+        + (f"--n-epochs-kl-warmup {warmup} " if warmup else "")
+        + f"--model-seeds {' '.join(map(str, args.model_seeds))} --output {args.output}`"
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
