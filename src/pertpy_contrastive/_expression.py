@@ -20,31 +20,77 @@ _PAIRS_PER_CHUNK = 8_192
 _LOG_EPS = 1e-8
 
 
+def check_finite_latent(latent: np.ndarray) -> None:
+    """Refuse to hand out latents with NaN or infinite values."""
+    if not np.isfinite(latent).all():
+        raise FloatingPointError(
+            "The model produced non-finite latents. Retrain with a lower learning rate "
+            "or likelihood='nb'."
+        )
+
+
 class ExpressionMixin:
     """Decoded expression of a trained :class:`~pertpy_contrastive.ContrastiveVAE`."""
 
     @torch.inference_mode()
-    def _posterior_means(self, adata, indices):
-        """Posterior means of z and s with each cell's covariates, all cells in one pass."""
+    def _posterior_means(self, adata, indices) -> dict[str, torch.Tensor]:
+        """Posterior means of z and s, with each cell's covariates, in one encoding pass."""
         parts = {"z": [], "s": [], "batch": [], "cat": [], "cont": []}
         for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=1024):
-            x, group, batch_index, cat_covs, cont_covs = self.module._get_fn_args_from_batch(
-                tensors
-            )[0]
-            posterior = self.module.encode(x, group, batch_index, cat_covs, cont_covs)
-            for key, value in zip(
-                parts,
-                (
-                    posterior["background"][0],
-                    posterior["salient"][0],
-                    batch_index,
-                    cat_covs,
-                    cont_covs,
-                ),
-                strict=True,
-            ):
-                parts[key].append(value)
+            args, _ = self.module._get_fn_args_from_batch(tensors)
+            posterior = self.module.encode(*args)
+            _, _, batch_index, cat_covs, cont_covs = args
+            parts["z"].append(posterior["background"][0])
+            parts["s"].append(posterior["salient"][0])
+            parts["batch"].append(batch_index)
+            parts["cat"].append(cat_covs)
+            parts["cont"].append(cont_covs)
         return {key: torch.cat(values) for key, values in parts.items()}
+
+    def _reference_means(self, adata, reference_indices, n_reference_cells, seed):
+        """Posterior means of the reference cells: given, or a sample of controls."""
+        if reference_indices is None:
+            groups = self.get_anndata_manager(adata).get_from_registry(GROUP_KEY).ravel()
+            controls = np.flatnonzero(groups == CellGroup.BACKGROUND)
+            if len(controls) == 0:
+                raise ValueError(
+                    "These data have no control cells to form the reference background. Pass "
+                    "reference_indices=<cells whose background to use>."
+                )
+            rng = np.random.default_rng(seed)
+            reference_indices = rng.choice(
+                controls, size=min(n_reference_cells, len(controls)), replace=False
+            )
+        return self._posterior_means(adata, np.sort(np.asarray(reference_indices)))
+
+    @torch.inference_mode()
+    def _denoised(self, cells, reference, library_size) -> np.ndarray:
+        n_reference = len(reference["z"])
+        chunk = max(1, _PAIRS_PER_CHUNK // n_reference)
+        rows = []
+        for start in range(0, len(cells["s"]), chunk):
+            salient = cells["s"][start : start + chunk]
+            n_cells = len(salient)
+            # Every (cell, reference) pair: salient from the cell, the rest from the reference.
+            proportions = self.module.expression_proportions(
+                reference["z"].repeat(n_cells, 1),
+                salient.repeat_interleave(n_reference, dim=0),
+                reference["batch"].repeat(n_cells, 1),
+                reference["cat"].repeat(n_cells, 1),
+                reference["cont"].repeat(n_cells, 1),
+            )
+            rows.append(proportions.reshape(n_cells, n_reference, -1).mean(dim=1))
+        return (torch.cat(rows) * library_size).cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def _effect(self, cells) -> np.ndarray:
+        covariates = (cells["batch"], cells["cat"], cells["cont"])
+        with_salient = self.module.expression_proportions(cells["z"], cells["s"], *covariates)
+        without = self.module.expression_proportions(
+            cells["z"], torch.zeros_like(cells["s"]), *covariates
+        )
+        effect = torch.log(with_salient + _LOG_EPS) - torch.log(without + _LOG_EPS)
+        return effect.cpu().numpy().astype(np.float32)
 
     @torch.inference_mode()
     def get_denoised_expression(
@@ -88,36 +134,8 @@ class ExpressionMixin:
         """
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
-        if reference_indices is None:
-            groups = self.get_anndata_manager(adata).get_from_registry(GROUP_KEY).ravel()
-            controls = np.flatnonzero(groups == CellGroup.BACKGROUND)
-            if len(controls) == 0:
-                raise ValueError(
-                    "These data have no control cells to form the reference background. Pass "
-                    "reference_indices=<cells whose background to use>."
-                )
-            rng = np.random.default_rng(seed)
-            reference_indices = rng.choice(
-                controls, size=min(n_reference_cells, len(controls)), replace=False
-            )
-        reference = self._posterior_means(adata, np.sort(np.asarray(reference_indices)))
-        cells = self._posterior_means(adata, indices)
-        n_reference = len(reference["z"])
-        chunk = max(1, _PAIRS_PER_CHUNK // n_reference)
-        rows = []
-        for start in range(0, len(cells["s"]), chunk):
-            salient = cells["s"][start : start + chunk]
-            n_cells = len(salient)
-            # Every (cell, reference) pair: salient from the cell, the rest from the reference.
-            proportions = self.module.expression_proportions(
-                reference["z"].repeat(n_cells, 1),
-                salient.repeat_interleave(n_reference, dim=0),
-                reference["batch"].repeat(n_cells, 1),
-                reference["cat"].repeat(n_cells, 1),
-                reference["cont"].repeat(n_cells, 1),
-            )
-            rows.append(proportions.reshape(n_cells, n_reference, -1).mean(dim=1))
-        return (torch.cat(rows) * library_size).cpu().numpy().astype(np.float32)
+        reference = self._reference_means(adata, reference_indices, n_reference_cells, seed)
+        return self._denoised(self._posterior_means(adata, indices), reference, library_size)
 
     @torch.inference_mode()
     def get_perturbation_effect(
@@ -137,14 +155,7 @@ class ExpressionMixin:
         """
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
-        cells = self._posterior_means(adata, indices)
-        covariates = (cells["batch"], cells["cat"], cells["cont"])
-        with_salient = self.module.expression_proportions(cells["z"], cells["s"], *covariates)
-        without = self.module.expression_proportions(
-            cells["z"], torch.zeros_like(cells["s"]), *covariates
-        )
-        effect = torch.log(with_salient + _LOG_EPS) - torch.log(without + _LOG_EPS)
-        return effect.cpu().numpy().astype(np.float32)
+        return self._effect(self._posterior_means(adata, indices))
 
     def write_outputs(
         self,
@@ -197,15 +208,17 @@ class ExpressionMixin:
                 f"{', '.join(taken)} already exist. Pass overwrite=True to replace them, or "
                 "another prefix=."
             )
-        outputs = {
-            key: self.get_latent_representation(target, kind=kind)
-            for kind, key in obsm_keys.items()
-        }
-        denoised = self.get_denoised_expression(
-            target, n_reference_cells=n_reference_cells, seed=seed
-        )
-        effect = self.get_perturbation_effect(target)
-        target.obsm.update(outputs)
+        self._check_if_trained(warn=False)
+        self._validate_anndata(target)
+        # One encoding pass serves the latents, the denoised layer and the effect layer.
+        cells = self._posterior_means(target, None)
+        latents = {"salient": cells["s"].cpu().numpy(), "background": cells["z"].cpu().numpy()}
+        for latent in latents.values():
+            check_finite_latent(latent)
+        reference = self._reference_means(target, None, n_reference_cells, seed)
+        denoised = self._denoised(cells, reference, library_size=1e4)
+        effect = self._effect(cells)
+        target.obsm.update({obsm_keys[kind]: latent for kind, latent in latents.items()})
         target.layers[layer_keys["denoised"]] = denoised
         target.layers[layer_keys["effect"]] = effect
         return target

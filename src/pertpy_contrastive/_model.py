@@ -37,7 +37,7 @@ from ._data import (
     validate_covariates,
 )
 from ._dataloading import PairedDataSplitter
-from ._expression import ExpressionMixin
+from ._expression import ExpressionMixin, check_finite_latent
 from ._likelihoods import Likelihood
 from ._module import ContrastivePyroModule
 from ._training_plan import ContrastiveTrainingPlan
@@ -370,11 +370,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
             loc, scale = self.module.encode(*args)[kind]
             latents.append(loc if give_mean else torch.distributions.Normal(loc, scale).sample())
         latent = torch.cat(latents).cpu().numpy()
-        if not np.isfinite(latent).all():
-            raise FloatingPointError(
-                "The model produced non-finite latents. Retrain with a lower learning rate "
-                "or likelihood='nb'."
-            )
+        check_finite_latent(latent)
         return latent
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
