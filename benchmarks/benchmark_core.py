@@ -104,7 +104,8 @@ def log_normalised(adata):
     return normalised
 
 
-def run_contrastive_vae(adata, args, seed):
+def fit_contrastive_vae(adata, args, seed):
+    """Train ContrastiveVAE on a copy of ``adata``; return the model and seconds per epoch."""
     data = adata.copy()
     pc.ContrastiveVAE.setup_anndata(
         data, perturbation_key="perturbation", control=CONTROL, batch_key="batch"
@@ -120,11 +121,16 @@ def run_contrastive_vae(adata, args, seed):
         enable_progress_bar=False,
         seed=seed,
     )
-    seconds = time.perf_counter() - start
-    return model.get_latent_representation(kind="salient"), seconds / args.epochs
+    return model, (time.perf_counter() - start) / args.epochs
 
 
-def run_contrastive_vi(adata, args, seed):
+def run_contrastive_vae(adata, args, seed):
+    model, seconds_per_epoch = fit_contrastive_vae(adata, args, seed)
+    return model.get_latent_representation(kind="salient"), seconds_per_epoch
+
+
+def fit_contrastive_vi(adata, args, seed):
+    """Train scvi-tools' ContrastiveVI on a copy of ``adata``; return it and seconds per epoch."""
     scvi.settings.seed = seed
     data = adata.copy()
     scvi.external.ContrastiveVI.setup_anndata(data, batch_key="batch")
@@ -140,17 +146,26 @@ def run_contrastive_vi(adata, args, seed):
         early_stopping=False,
         enable_progress_bar=False,
     )
-    seconds = time.perf_counter() - start
-    return model.get_latent_representation(representation_kind="salient"), seconds / args.epochs
+    return model, (time.perf_counter() - start) / args.epochs
 
 
-def run_mixscape(adata, args, seed):
+def run_contrastive_vi(adata, args, seed):
+    model, seconds_per_epoch = fit_contrastive_vi(adata, args, seed)
+    return model.get_latent_representation(representation_kind="salient"), seconds_per_epoch
+
+
+def mixscape_signature(adata):
+    """Log-normalised ``adata`` with pertpy's Mixscape perturbation signature in ``layers['X_pert']``."""
     data = log_normalised(adata)
     sc.pp.pca(data, n_comps=50)
     pt.tl.Mixscape().perturbation_signature(
         data, pert_key="perturbation", control=CONTROL, split_by="batch", n_neighbors=20
     )
-    signature = data.copy()
+    return data
+
+
+def run_mixscape(adata, args, seed):
+    signature = mixscape_signature(adata)
     signature.X = signature.layers["X_pert"]
     sc.pp.pca(signature, n_comps=args.n_salient)
     return signature.obsm["X_pca"], None

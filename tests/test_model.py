@@ -2,6 +2,7 @@
 
 import mudata as md
 import numpy as np
+import pyro
 import pytest
 import torch
 from _helpers import CONTROL, quick_train, setup
@@ -228,3 +229,33 @@ def test_nan_loss_stops_with_advice_and_no_nan_latents(screen, monkeypatch):
     with pytest.raises(RuntimeError, match="train"):
         fresh.get_latent_representation()
     assert CONTROL in screen.obs["perturbation"].to_numpy()
+
+
+def test_group_mmd_detects_a_shift_between_controls_and_targets():
+    generator = torch.Generator().manual_seed(0)
+    controls = torch.randn(200, 5, generator=generator)
+    targets = torch.randn(200, 5, generator=generator)
+    group = torch.cat([torch.zeros(200), torch.ones(200)]).long()
+    same = _module._group_mmd(torch.cat([controls, targets]), group)
+    shifted = _module._group_mmd(torch.cat([controls, targets + 1.0]), group)
+    assert 0 <= same < 0.05 < shifted
+    only_controls = torch.zeros(400, dtype=torch.long)
+    assert _module._group_mmd(torch.cat([controls, targets + 1.0]), only_controls) == 0
+
+
+def test_background_mmd_enters_the_loss_once_per_step(screen):
+    setup(screen, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen), max_epochs=1)
+    module = model.module.eval()
+    args = _minibatch(model, n_cells=64)
+    background_loc = module.encode(*args)["background"][0]
+    mmd = _module._group_mmd(background_loc, args[1])
+    losses = {}
+    for weight in (0.0, 7.0):
+        module.background_mmd_weight = weight
+        pyro.set_rng_seed(0)
+        losses[weight] = pyro.infer.Trace_ELBO().differentiable_loss(
+            module.model, module.guide, *args
+        )
+    assert mmd > 0
+    torch.testing.assert_close(losses[7.0] - losses[0.0], 7.0 * mmd, rtol=1e-3, atol=1e-3)

@@ -1,7 +1,6 @@
 """pp.perturbation_labels on pertpy's guide-assignment outputs."""
 
 import numpy as np
-import pandas as pd
 import pertpy as pt
 import pytest
 from _helpers import CONTROL, quick_train
@@ -51,23 +50,36 @@ def test_threshold_layer_with_both_policies(papalexi):
     assert combined[single].notna().all()
 
 
-def _mixture_shaped(guides):
-    """Labels in the shape assign_mixture_model writes (it needs JAX, not installed in tests)."""
-    names = list(guides.var_names)
-    labels = ["negative", "multiple", f"{names[0]}+{names[6]}", names[6], f"{names[6]}+{names[7]}"]
-    return pd.Categorical(labels * (guides.n_obs // 5) + labels[: guides.n_obs % 5])
+def test_mixture_model_labels_train_the_model(papalexi):
+    mdata = papalexi.copy()
+    pt.pp.GuideAssignment().assign_mixture_model(mdata["gdo"])
+    assigned = mdata["gdo"].obs["assigned_guide"].astype(str)
+    target = mdata["gdo"].var["target_gene"].astype(str)
+    negative = (assigned == "negative").to_numpy()
+    too_many = (assigned == "multiple").to_numpy()
+    several = assigned.str.contains("+", regex=False).to_numpy()
+    targets_of_several = [{target[g] for g in label.split("+")} for label in assigned[several]]
+    assert negative.any() and too_many.any() and several.any()  # all three shapes occur
 
+    combined = pc.pp.perturbation_labels(mdata, multiple="combine")
+    assert combined[negative | too_many].isna().all()
+    for label, targets in zip(combined[several], targets_of_several, strict=True):
+        perturbing = sorted(targets - {CONTROL})
+        expected = "+".join(perturbing) if perturbing else CONTROL
+        assert label == expected
+    assert (combined[several].astype(str).str.contains("+", regex=False)).any()
 
-def test_mixture_model_shaped_labels(papalexi):
-    guides = papalexi["gdo"].copy()
-    guides.obs["assigned_guide"] = _mixture_shaped(guides)
-    names = list(guides.var_names)
-    target = guides.var["target_gene"]
-    assert target[names[6]] == CONTROL and target[names[7]] == CONTROL
-    labels = pc.pp.perturbation_labels(guides, multiple="combine")
-    assert labels.iloc[:5].astype(object).tolist()[2:] == [target[names[0]], CONTROL, CONTROL]
-    assert labels.iloc[:2].isna().all()  # "negative" and "multiple" are excluded
-    assert guides.obs["perturbation"].equals(labels)
+    excluded = pc.pp.perturbation_labels(mdata, multiple="exclude", overwrite=True)
+    several_targets = np.array([len(t - {CONTROL}) > 1 for t in targets_of_several])
+    assert excluded[several][several_targets].isna().all()
+    assert excluded[several][~several_targets].notna().all()
+
+    pc.ContrastiveVAE.setup_anndata(
+        mdata, perturbation_key="perturbation", control=CONTROL, batch_key="replicate"
+    )
+    model = quick_train(pc.ContrastiveVAE(mdata), max_epochs=1, batch_size=64)
+    latent = model.get_latent_representation(mdata)
+    assert np.isfinite(latent).all() and latent.shape == (mdata["rna"].n_obs, 10)
 
 
 def test_errors_name_the_fix(papalexi):

@@ -74,6 +74,11 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
     wasserstein_weight
         Weight of the penalty ``||mu||^2 + sum(sigma^2)`` that pulls control cells' salient
         posterior to zero.
+    background_mmd_weight
+        Weight of the squared maximum mean discrepancy between the background latents of the
+        controls and the perturbed cells of each training step. Guides are assigned at random, so
+        both groups share one background distribution; the penalty moves perturbation effects that
+        the background latent picked up into the salient latent. ``0`` turns it off.
     salient_encoder_sees_group
         Opt-in: give the salient encoder each cell's group (control / perturbed / excluded). This
         can sharpen the contrast, but the salient latent then depends on the guide label and can
@@ -107,6 +112,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         likelihood: Likelihood = "zinb",
         use_observed_library: bool = True,
         wasserstein_weight: float = 5.0,
+        background_mmd_weight: float = 10.0,
         salient_encoder_sees_group: bool = False,
         seed: int = 0,
         modality: str = "rna",
@@ -135,12 +141,14 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
                 library_log_means=None if library_log_means is None else library_log_means.ravel(),
                 library_log_vars=None if library_log_vars is None else library_log_vars.ravel(),
                 wasserstein_weight=wasserstein_weight,
+                background_mmd_weight=background_mmd_weight,
                 salient_encoder_sees_group=salient_encoder_sees_group,
             )
         self._model_summary_string = (
             f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "
             f"n_hidden={n_hidden}, n_layers={n_layers}, likelihood={likelihood}, "
-            f"observed library={use_observed_library}, wasserstein_weight={wasserstein_weight}"
+            f"observed library={use_observed_library}, wasserstein_weight={wasserstein_weight}, "
+            f"background_mmd_weight={background_mmd_weight}"
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -239,7 +247,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         max_epochs: int | None = None,
         batch_size: int = 128,
         train_size: float = 0.9,
-        lr: float = 1e-3,
+        lr: float = 3e-3,
         n_epochs_kl_warmup: int | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 20,

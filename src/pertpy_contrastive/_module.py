@@ -10,7 +10,9 @@ Generative model, for cell n with covariates c_n (batch, categorical, continuous
 
 Guide: q(z_n | x_n, c_n) q(s_n | x_n, c_n) [q(l_n | x_n, c_n)], encoders on log-normalised
 counts. The encoders do not see the perturbation label (unless ``salient_encoder_sees_group``),
-so a cell's salient latent reflects its expression, not its guide.
+so a cell's salient latent reflects its expression, not its guide. Two guide factors regularise
+the contrast: a Wasserstein penalty pulls controls' q(s) to the point mass at 0, and a per-step
+MMD between controls' and perturbed cells' background latents keeps perturbation effects out of z.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, CellGroup
 from ._likelihoods import LIKELIHOODS, Likelihood, count_distribution
 
 _NORMALISED_LIBRARY = 1e4
+_MMD_KERNEL_WIDTHS = (0.25, 1.0, 4.0)  # squared widths per latent dimension
 
 
 class ContrastivePyroModule(PyroBaseModuleClass):
@@ -62,6 +65,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         Per-batch prior mean and variance of the log library size (latent library only).
     wasserstein_weight
         Weight of the penalty that pulls controls' q(s) to the point mass at 0.
+    background_mmd_weight
+        Weight of the per-step squared MMD between the background latents of the step's controls
+        and perturbed cells, which keeps perturbation effects out of z.
     salient_encoder_sees_group
         Give the salient encoder each cell's group (control / perturbed / excluded). Off by default.
     """
@@ -82,6 +88,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         library_log_means: torch.Tensor | None = None,
         library_log_vars: torch.Tensor | None = None,
         wasserstein_weight: float = 5.0,
+        background_mmd_weight: float = 10.0,
         salient_encoder_sees_group: bool = False,
     ):
         super().__init__()
@@ -92,6 +99,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         self.likelihood = likelihood
         self.use_observed_library = use_observed_library
         self.wasserstein_weight = wasserstein_weight
+        self.background_mmd_weight = background_mmd_weight
         self.salient_encoder_sees_group = salient_encoder_sees_group
 
         covariate_sizes = [n_batch, *n_cats_per_cov]
@@ -226,6 +234,15 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 )
             if not self.use_observed_library:
                 pyro.sample("log_library", dist.Normal(*posterior["log_library"]).to_event(1))
+        # Guides are assigned at random, so perturbed cells' background states follow the
+        # controls' distribution. A step pairs controls and targets of one batch; any difference
+        # between their background latents is perturbation effect that belongs in s, and the
+        # maximum mean discrepancy penalises it. One value per step: it is not scaled per cell.
+        pyro.factor(
+            "background_mmd",
+            self.background_mmd_weight * _group_mmd(posterior["background"][0], group),
+            has_rsample=True,
+        )
 
     def encode(self, x, group, batch_index, cat_covs, cont_covs) -> dict[str, tuple]:
         """Posterior ``(loc, scale)`` of each latent from counts and covariates."""
@@ -249,6 +266,26 @@ class ContrastivePyroModule(PyroBaseModuleClass):
 def _categorical_covariates(batch_index, cat_covs) -> tuple[torch.Tensor, ...]:
     """Batch and extra categorical codes as the ``(n_cells, 1)`` columns scvi.nn layers take."""
     return (batch_index, *(column.unsqueeze(-1) for column in cat_covs.unbind(-1)))
+
+
+def _group_mmd(latent: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Squared MMD between the control and the target cells' ``latent`` (0 if either is absent).
+
+    Written with group weights over the whole step rather than boolean indexing, so that shapes
+    stay static. A sum of Gaussian kernels whose widths scale with the latent dimension.
+    """
+    in_group = [group == CellGroup.BACKGROUND, group == CellGroup.TARGET]
+    weights = torch.stack(in_group).to(latent.dtype)
+    counts = weights.sum(-1, keepdim=True)
+    weights = weights / counts.clamp(min=1.0)
+    squared_distances = torch.cdist(latent, latent).square()
+    kernel = sum(
+        torch.exp(-squared_distances / (2.0 * width * latent.shape[-1]))
+        for width in _MMD_KERNEL_WIDTHS
+    )
+    moments = weights @ kernel @ weights.T
+    both_present = (counts > 0).all().to(latent.dtype)
+    return both_present * (moments[0, 0] + moments[1, 1] - 2.0 * moments[0, 1])
 
 
 def _scale(cell_weight):
