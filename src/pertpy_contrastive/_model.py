@@ -247,7 +247,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         max_epochs: int | None = None,
         batch_size: int = 128,
         train_size: float = 0.9,
-        lr: float = 3e-3,
+        lr: float = 1e-3,
         n_epochs_kl_warmup: int | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 20,

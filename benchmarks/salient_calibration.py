@@ -1,0 +1,65 @@
+"""How far the salient latent of controls, escapers and responders lies from 0, in and out of training.
+
+On the calling benchmark's screen (24 targets, 8 null, program log fold change 0.4), trains
+ContrastiveVAE with its defaults (60 epochs) and prints the mean norm of the salient posterior
+mean for each kind of cell, split into training and validation cells. Escapers express like
+controls, so in a calibrated model the two have the same norm. Run by hand (about 3 minutes):
+
+    .venv/bin/python benchmarks/salient_calibration.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import warnings
+
+import numpy as np
+from benchmark_core import CONTROL
+
+import pertpy_contrastive as pc
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="{}", help="JSON of ContrastiveVAE arguments")
+    parser.add_argument("--train", default="{}", help="JSON of ContrastiveVAE.train arguments")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    adata = pc.datasets.simulate_screen(
+        n_cells=10_000, n_genes=2_000, n_targets=24, n_null_targets=8, effect_size=0.4, seed=0
+    )
+    data = adata.copy()
+    pc.ContrastiveVAE.setup_anndata(
+        data, perturbation_key="perturbation", control=CONTROL, batch_key="batch"
+    )
+    model = pc.ContrastiveVAE(data, seed=0, **json.loads(args.model))
+    model.train(
+        max_epochs=60,
+        early_stopping=False,
+        enable_progress_bar=False,
+        seed=0,
+        **json.loads(args.train),
+    )
+    norm = np.linalg.norm(model.get_latent_representation(kind="salient"), axis=1)
+    in_training = np.zeros(adata.n_obs, dtype=bool)
+    in_training[model.train_indices] = True
+    obs = adata.obs
+    kinds = {
+        "controls": (obs["perturbation"] == CONTROL).to_numpy(),
+        "escapers": obs["escaped"].to_numpy(),
+        "responders": obs["responder"].to_numpy(),
+    }
+    print(f"model {args.model}, train {args.train}: mean norm of the salient latent")
+    for kind, cells in kinds.items():
+        print(
+            f"  {kind}: training cells {norm[cells & in_training].mean():.2f}, "
+            f"validation cells {norm[cells & ~in_training].mean():.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
