@@ -118,6 +118,7 @@ def main():
     parser.add_argument("--n-salient", type=int, default=10)
     parser.add_argument("--n-background", type=int, default=10)
     parser.add_argument("--n-epochs-kl-warmup", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="ContrastiveVAE's learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated screen")
     parser.add_argument("--model-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=Path("docs/benchmark_calling_de.md"))
@@ -180,11 +181,12 @@ def main():
             for name, runs in de.items()
         ),
     ]
-    warmup = f" --n-epochs-kl-warmup {args.n_epochs_kl_warmup}" if args.n_epochs_kl_warmup else ""
+    options = f" --n-epochs-kl-warmup {args.n_epochs_kl_warmup}" if args.n_epochs_kl_warmup else ""
+    options += f" --lr {args.lr}" if args.lr is not None else ""
     command = (
         f"`.venv/bin/python benchmarks/benchmark_calling_de.py --cells {args.cells} "
         f"--genes {args.genes} --targets {args.targets} --null-targets {args.null_targets} "
-        f"--effect-size {args.effect_size} --epochs {args.epochs}{warmup} --seed {args.seed} "
+        f"--effect-size {args.effect_size} --epochs {args.epochs}{options} --seed {args.seed} "
         f"--model-seeds {' '.join(map(str, args.model_seeds))} --output {args.output}`"
     )
     n_responders = adata.obs["responder"].sum()

@@ -114,9 +114,11 @@ def fit_contrastive_vae(adata, args, seed):
         data, n_salient=args.n_salient, n_background=args.n_background, seed=seed
     )
     start = time.perf_counter()
+    learning_rate = {} if args.lr is None else {"lr": args.lr}
     model.train(
         max_epochs=args.epochs,
         n_epochs_kl_warmup=args.n_epochs_kl_warmup,
+        **learning_rate,
         early_stopping=False,
         enable_progress_bar=False,
         seed=seed,
@@ -198,6 +200,7 @@ def main():
     parser.add_argument(
         "--n-epochs-kl-warmup", type=int, default=None, help="ContrastiveVAE's KL warm-up"
     )
+    parser.add_argument("--lr", type=float, default=None, help="ContrastiveVAE's learning rate")
     parser.add_argument("--model-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=Path("docs/benchmark_core.md"))
     args = parser.parse_args()
@@ -268,6 +271,7 @@ def main():
         f"`.venv/bin/python benchmarks/benchmark_core.py --cells {args.cells} --genes {args.genes} "
         f"--epochs {args.epochs} --seed {args.seed} "
         + (f"--n-epochs-kl-warmup {warmup} " if warmup else "")
+        + (f"--lr {args.lr} " if args.lr is not None else "")
         + f"--model-seeds {' '.join(map(str, args.model_seeds))} --output {args.output}`"
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
