@@ -113,8 +113,8 @@ def fit_contrastive_vae(adata, args, seed):
     model = pc.ContrastiveVAE(
         data, n_salient=args.n_salient, n_background=args.n_background, seed=seed
     )
-    start = time.perf_counter()
     learning_rate = {} if args.lr is None else {"lr": args.lr}
+    start = time.perf_counter()
     model.train(
         max_epochs=args.epochs,
         n_epochs_kl_warmup=args.n_epochs_kl_warmup,
