@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 import torch
-from benchmark_core import CONTROL, leakage, program_separation
+from benchmark_core import fit_contrastive_vae, leakage, program_separation
 
 import pertpy_contrastive as pc
 
@@ -37,17 +37,8 @@ def main():
     adata = pc.datasets.simulate_screen(n_cells=10_000, n_genes=2_000, seed=0)
     separation = []
     for seed in args.model_seeds:
-        data = adata.copy()
-        pc.ContrastiveVAE.setup_anndata(
-            data, perturbation_key="perturbation", control=CONTROL, batch_key="batch"
-        )
-        model = pc.ContrastiveVAE(data, seed=seed, **json.loads(args.model))
-        model.train(
-            max_epochs=args.epochs,
-            early_stopping=False,
-            enable_progress_bar=False,
-            seed=seed,
-            **json.loads(args.train),
+        model, _ = fit_contrastive_vae(
+            adata, seed, args.epochs, json.loads(args.model), json.loads(args.train)
         )
         salient = model.get_latent_representation(kind="salient")
         background = model.get_latent_representation(kind="background")

@@ -40,6 +40,7 @@ from benchmark_core import (
     fit_contrastive_vi,
     log_normalised,
     mixscape_signature,
+    vae_kwargs,
 )
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -145,7 +146,7 @@ def main():
     calling = {name: [] for name in (OURS, CONTRASTIVE_VI, MIXSCAPE, "PCA of log-normalised")}
     de = {name: [] for name in (OURS, LOG_NORMALISED, MIXSCAPE)}
     for seed in args.model_seeds:
-        model, _ = fit_contrastive_vae(adata, args, seed)
+        model, _ = fit_contrastive_vae(adata, seed, args.epochs, *vae_kwargs(args))
         calling[OURS].append(
             calling_auroc(adata, model.get_latent_representation(kind="salient"), effect_targets)
         )

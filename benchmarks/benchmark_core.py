@@ -104,30 +104,34 @@ def log_normalised(adata):
     return normalised
 
 
-def fit_contrastive_vae(adata, args, seed):
-    """Train ContrastiveVAE on a copy of ``adata``; return the model and seconds per epoch."""
+def fit_contrastive_vae(adata, seed, epochs, model_kwargs=None, train_kwargs=None):
+    """Train ContrastiveVAE on a copy of ``adata``; return the model and seconds per epoch.
+
+    ``model_kwargs`` and ``train_kwargs`` go to the constructor and to ``train``; early stopping
+    is off, so that every method trains for ``epochs``.
+    """
     data = adata.copy()
     pc.ContrastiveVAE.setup_anndata(
         data, perturbation_key="perturbation", control=CONTROL, batch_key="batch"
     )
-    model = pc.ContrastiveVAE(
-        data, n_salient=args.n_salient, n_background=args.n_background, seed=seed
-    )
-    learning_rate = {} if args.lr is None else {"lr": args.lr}
+    model = pc.ContrastiveVAE(data, seed=seed, **(model_kwargs or {}))
+    train_kwargs = {"early_stopping": False, "enable_progress_bar": False, **(train_kwargs or {})}
     start = time.perf_counter()
-    model.train(
-        max_epochs=args.epochs,
-        n_epochs_kl_warmup=args.n_epochs_kl_warmup,
-        **learning_rate,
-        early_stopping=False,
-        enable_progress_bar=False,
-        seed=seed,
-    )
-    return model, (time.perf_counter() - start) / args.epochs
+    model.train(max_epochs=epochs, seed=seed, **train_kwargs)
+    return model, (time.perf_counter() - start) / epochs
+
+
+def vae_kwargs(args) -> tuple[dict, dict]:
+    """ContrastiveVAE's constructor and ``train`` arguments from the benchmark's options."""
+    model_kwargs = {"n_salient": args.n_salient, "n_background": args.n_background}
+    train_kwargs = {"n_epochs_kl_warmup": args.n_epochs_kl_warmup}
+    if args.lr is not None:
+        train_kwargs["lr"] = args.lr
+    return model_kwargs, train_kwargs
 
 
 def run_contrastive_vae(adata, args, seed):
-    model, seconds_per_epoch = fit_contrastive_vae(adata, args, seed)
+    model, seconds_per_epoch = fit_contrastive_vae(adata, seed, args.epochs, *vae_kwargs(args))
     return model.get_latent_representation(kind="salient"), seconds_per_epoch
 
 

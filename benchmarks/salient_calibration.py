@@ -16,7 +16,7 @@ import logging
 import warnings
 
 import numpy as np
-from benchmark_core import CONTROL
+from benchmark_core import CONTROL, fit_contrastive_vae
 
 import pertpy_contrastive as pc
 
@@ -32,18 +32,7 @@ def main():
     adata = pc.datasets.simulate_screen(
         n_cells=10_000, n_genes=2_000, n_targets=24, n_null_targets=8, effect_size=0.4, seed=0
     )
-    data = adata.copy()
-    pc.ContrastiveVAE.setup_anndata(
-        data, perturbation_key="perturbation", control=CONTROL, batch_key="batch"
-    )
-    model = pc.ContrastiveVAE(data, seed=0, **json.loads(args.model))
-    model.train(
-        max_epochs=60,
-        early_stopping=False,
-        enable_progress_bar=False,
-        seed=0,
-        **json.loads(args.train),
-    )
+    model, _ = fit_contrastive_vae(adata, 0, 60, json.loads(args.model), json.loads(args.train))
     norm = np.linalg.norm(model.get_latent_representation(kind="salient"), axis=1)
     in_training = np.zeros(adata.n_obs, dtype=bool)
     in_training[model.train_indices] = True

@@ -72,8 +72,11 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
     use_observed_library
         Use each cell's total count as its library size (default); otherwise it is latent.
     wasserstein_weight
-        Weight of the penalty ``||mu||^2 + sum(sigma^2)`` that pulls control cells' salient
-        posterior to zero.
+        Opt-in weight of the penalty ``||mu||^2 + sum(sigma^2)`` that pulls control cells'
+        salient posterior to the point mass at zero. Without it (the default), controls' salient
+        posterior is pulled to the prior, centred on zero, like that of perturbed cells that did
+        not respond; the penalty makes the encoder memorise the training controls, which shifts
+        every perturbed training cell away from them (see the model docs).
     background_mmd_weight
         Weight of the squared maximum mean discrepancy between the background latents of the
         controls and the perturbed cells of each training step. Guides are assigned at random, so
@@ -111,7 +114,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         dropout_rate: float = 0.1,
         likelihood: Likelihood = "zinb",
         use_observed_library: bool = True,
-        wasserstein_weight: float = 5.0,
+        wasserstein_weight: float = 0.0,
         background_mmd_weight: float = 10.0,
         salient_encoder_sees_group: bool = False,
         seed: int = 0,
@@ -247,7 +250,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         max_epochs: int | None = None,
         batch_size: int = 128,
         train_size: float = 0.9,
-        lr: float = 1e-3,
+        lr: float = 3e-3,
         n_epochs_kl_warmup: int | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 20,

@@ -3,16 +3,18 @@
 Generative model, for cell n with covariates c_n (batch, categorical, continuous):
 
     z_n ~ Normal(0, I)                                  background latent, every cell
-    s_n ~ Normal(0, I) if n is a target cell, else 0    salient latent, perturbed cells only
+    s_n ~ Normal(0, I)                                  salient latent, every cell ...
+    s'_n = s_n if n is a target cell, else 0            ... used by perturbed cells only
     l_n = total counts of n (observed), or l_n ~ LogNormal(mu_batch, sigma_batch)
-    rho_n = softmax(f(z_n, s_n, c_n))                   decoder: per-gene proportions
+    rho_n = softmax(f(z_n, s'_n, c_n))                  decoder: per-gene proportions
     x_ng ~ ZINB / NB / Poisson(mean = l_n * rho_ng, gene-wise dispersion theta_g)
 
 Guide: q(z_n | x_n, c_n) q(s_n | x_n, c_n) [q(l_n | x_n, c_n)], encoders on log-normalised
 counts. The encoders do not see the perturbation label (unless ``salient_encoder_sees_group``),
-so a cell's salient latent reflects its expression, not its guide. Two guide factors regularise
-the contrast: a Wasserstein penalty pulls controls' q(s) to the point mass at 0, and a per-step
-MMD between controls' and perturbed cells' background latents keeps perturbation effects out of z.
+so a cell's salient latent reflects its expression, not its guide. A control's expression does
+not depend on s, so the ELBO pulls its q(s | x) to the prior, centred on 0; an opt-in Wasserstein
+penalty pulls it further, to the point mass at 0. A per-step MMD between controls' and perturbed
+cells' background latents keeps perturbation effects out of z.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
     library_log_means, library_log_vars
         Per-batch prior mean and variance of the log library size (latent library only).
     wasserstein_weight
-        Weight of the penalty that pulls controls' q(s) to the point mass at 0.
+        Weight of the penalty that pulls controls' q(s) to the point mass at 0 (off at 0).
     background_mmd_weight
         Weight of the per-step squared MMD between the background latents of the step's controls
         and perturbed cells, which keeps perturbation effects out of z.
@@ -87,7 +89,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         use_observed_library: bool = True,
         library_log_means: torch.Tensor | None = None,
         library_log_vars: torch.Tensor | None = None,
-        wasserstein_weight: float = 5.0,
+        wasserstein_weight: float = 0.0,
         background_mmd_weight: float = 10.0,
         salient_encoder_sees_group: bool = False,
     ):
@@ -178,9 +180,12 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         with pyro.plate("cells", n_cells), poutine.scale(scale=_scale(cell_weight)):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("background", _standard_normal(x, n_cells, self.n_background))
-                with poutine.mask(mask=is_target):
-                    s = pyro.sample("salient", _standard_normal(x, n_cells, self.n_salient))
-            # Controls carry no perturbation: their salient latent is exactly zero.
+                s = pyro.sample("salient", _standard_normal(x, n_cells, self.n_salient))
+            # Controls carry no perturbation: their expression is decoded with s = 0, so the ELBO
+            # pulls their q(s | x) to the prior, as it does for perturbed cells that do not
+            # respond. Controls and non-responders look alike, and a penalty that treated them
+            # differently would make the encoder memorise the training controls
+            # (docs/model.md#guide).
             s = s * is_target.unsqueeze(-1)
             if self.use_observed_library:
                 log_library = x.sum(-1, keepdim=True).log()
@@ -213,17 +218,14 @@ class ContrastivePyroModule(PyroBaseModuleClass):
     def guide(self, x, group, batch_index, cat_covs, cont_covs, cell_weight=None, kl_weight=1.0):
         """Sample the amortised mean-field guide q(z | x) q(s | x) [q(l | x)]."""
         n_cells = x.shape[0]
-        is_target = group == CellGroup.TARGET
         posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)
         with pyro.plate("cells", n_cells), poutine.scale(scale=_scale(cell_weight)):
             with poutine.scale(scale=kl_weight):
                 pyro.sample("background", dist.Normal(*posterior["background"]).to_event(1))
-                with poutine.mask(mask=is_target):
-                    pyro.sample("salient", dist.Normal(*posterior["salient"]).to_event(1))
-                # A control's salient latent is a point mass at 0, to which the KL is infinite.
-                # Its q(s | x) is pulled there by the squared 2-Wasserstein distance
-                # ||mu||^2 + sum(sigma^2) instead. A guide factor adds to log q, so a positive
-                # value raises the loss.
+                pyro.sample("salient", dist.Normal(*posterior["salient"]).to_event(1))
+                # Opt-in: the squared 2-Wasserstein distance ||mu||^2 + sum(sigma^2) from a
+                # control's q(s | x) to the point mass at 0. A guide factor adds to log q, so a
+                # positive value raises the loss.
                 salient_loc, salient_scale = posterior["salient"]
                 distance = (salient_loc.square() + salient_scale.square()).sum(-1)
                 is_background = (group == CellGroup.BACKGROUND).to(distance.dtype)

@@ -43,7 +43,7 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
     def __init__(
         self,
         pyro_module: ContrastivePyroModule,
-        lr: float = 1e-3,
+        lr: float = 3e-3,
         weight_decay: float = 1e-6,
         n_epochs_kl_warmup: int | None = None,
         n_steps_kl_warmup: int | None = None,
