@@ -3,7 +3,9 @@
 On the calling benchmark's screen (24 targets, 8 null, program log fold change 0.4), trains
 ContrastiveVAE with its defaults (60 epochs) and prints the mean norm of the salient posterior
 mean for each kind of cell, split into training and validation cells. Escapers express like
-controls, so in a calibrated model the two have the same norm. Run by hand (about 3 minutes):
+controls, so in a calibrated model the two have the same norm. Also prints the calling AUROC of
+``benchmark_calling_de.py`` (effect against null targets, by E-distance to the controls). One
+torch thread, so that two settings can run side by side. Run by hand (about 4 minutes alone):
 
     .venv/bin/python benchmarks/salient_calibration.py
 """
@@ -16,6 +18,8 @@ import logging
 import warnings
 
 import numpy as np
+import torch
+from benchmark_calling_de import calling_auroc
 from benchmark_core import CONTROL, fit_contrastive_vae
 
 import pertpy_contrastive as pc
@@ -28,12 +32,14 @@ def main():
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
 
     adata = pc.datasets.simulate_screen(
         n_cells=10_000, n_genes=2_000, n_targets=24, n_null_targets=8, effect_size=0.4, seed=0
     )
     model, _ = fit_contrastive_vae(adata, 0, 60, json.loads(args.model), json.loads(args.train))
-    norm = np.linalg.norm(model.get_latent_representation(kind="salient"), axis=1)
+    salient = model.get_latent_representation(kind="salient")
+    norm = np.linalg.norm(salient, axis=1)
     in_training = np.zeros(adata.n_obs, dtype=bool)
     in_training[model.train_indices] = True
     obs = adata.obs
@@ -48,6 +54,9 @@ def main():
             f"  {kind}: training cells {norm[cells & in_training].mean():.2f}, "
             f"validation cells {norm[cells & ~in_training].mean():.2f}"
         )
+    programs = adata.uns["simulation"]["target_program"]
+    effect_targets = {t for t, p in programs.items() if p != "none"}
+    print(f"  calling AUROC: {calling_auroc(adata, salient, effect_targets):.3f}")
 
 
 if __name__ == "__main__":

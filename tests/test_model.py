@@ -35,17 +35,24 @@ def test_training_lowers_the_validation_loss(screen):
     assert validation[-1] < validation[0]
 
 
-def test_controls_salient_latent_is_pulled_to_zero(screen):
+def test_controls_salient_posterior_prior_or_point_mass(screen):
+    """The ELBO pulls controls' q(s) to the prior; the opt-in Wasserstein term, to the point 0."""
     setup(screen, batch_key="batch")
     responders = screen.obs["responder"].to_numpy()
-    control_norm = {}
+    control_norm, control_scale = {}, {}
     for weight in (0.0, 5.0):
         model = pc.ContrastiveVAE(screen, wasserstein_weight=weight)
         quick_train(model, max_epochs=30, early_stopping=False)
+        is_control = model.cell_groups == CellGroup.BACKGROUND
         norm = np.linalg.norm(model.get_latent_representation(kind="salient"), axis=1)
-        control_norm[weight] = norm[model.cell_groups == CellGroup.BACKGROUND].mean()
+        control_norm[weight] = norm[is_control].mean()
+        args = _minibatch(model, n_cells=screen.n_obs)
+        _, scale = model.module.eval().encode(*args)["salient"]
+        control_scale[weight] = scale[torch.from_numpy(is_control)].mean().item()
+        assert control_norm[weight] < 0.7 * norm[responders].mean()
+    assert control_scale[0.0] > 0.7
+    assert control_scale[5.0] < 0.5 * control_scale[0.0]
     assert control_norm[5.0] < 0.85 * control_norm[0.0]
-    assert control_norm[5.0] < 0.7 * norm[responders].mean()
 
 
 def test_same_seed_same_latents(screen):
