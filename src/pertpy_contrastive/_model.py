@@ -49,7 +49,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
     """Contrastive VAE for CRISPR screens, written in Pyro.
 
     Every cell has a background latent; only perturbed (target) cells use the salient latent,
-    which is held at zero for control cells. Background variation that controls share with
+    which the decoder holds at zero for control cells. Background variation that controls share with
     perturbed cells (cell cycle, subclones, stress, replicates) therefore stays out of the salient
     space. Covariates are given to the encoders and the decoder.
 
