@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 import warnings
 from pathlib import Path
 
@@ -41,6 +40,8 @@ from benchmark_core import (
     log_normalised,
     mixscape_signature,
     vae_kwargs,
+    vae_options,
+    write_results,
 )
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -182,12 +183,11 @@ def main():
             for name, runs in de.items()
         ),
     ]
-    options = f" --n-epochs-kl-warmup {args.n_epochs_kl_warmup}" if args.n_epochs_kl_warmup else ""
-    options += f" --lr {args.lr}" if args.lr is not None else ""
     command = (
         f"`.venv/bin/python benchmarks/benchmark_calling_de.py --cells {args.cells} "
         f"--genes {args.genes} --targets {args.targets} --null-targets {args.null_targets} "
-        f"--effect-size {args.effect_size} --epochs {args.epochs}{options} --seed {args.seed} "
+        f"--effect-size {args.effect_size} --epochs {args.epochs}{vae_options(args)} "
+        f"--seed {args.seed} "
         f"--model-seeds {' '.join(map(str, args.model_seeds))} --output {args.output}`"
     )
     n_responders = adata.obs["responder"].sum()
@@ -200,14 +200,7 @@ def main():
         "CPU only. Chance: AUROC 0.5; mAP about "
         f"{np.mean([len(g) for g in truth.values()]) / args.genes:.3f} (fraction of true genes)."
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        "# Calling and DE-recovery benchmark results\n\n"
-        f"Produced by {command} on {time.strftime('%Y-%m-%d')}.\n\n{header}\n\n"
-        + "\n".join(lines)
-        + "\n"
-    )
-    print("\n".join(lines))
+    write_results(args.output, "Calling and DE-recovery benchmark results", command, header, lines)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,24 @@ def vae_kwargs(args) -> tuple[dict, dict]:
     return model_kwargs, train_kwargs
 
 
+def vae_options(args) -> str:
+    """The ContrastiveVAE options of ``args`` that differ from the defaults, as command text."""
+    options = f" --n-epochs-kl-warmup {args.n_epochs_kl_warmup}" if args.n_epochs_kl_warmup else ""
+    return options + (f" --lr {args.lr}" if args.lr is not None else "")
+
+
+def write_results(path, title, command, header, lines) -> None:
+    """Write a results page: title, the command and date that made it, a header, the tables."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"# {title}\n\n"
+        f"Produced by {command} on {time.strftime('%Y-%m-%d')}.\n\n{header}\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    print("\n".join(lines))
+
+
 def run_contrastive_vae(adata, args, seed):
     model, seconds_per_epoch = fit_contrastive_vae(adata, seed, args.epochs, *vae_kwargs(args))
     return model.get_latent_representation(kind="salient"), seconds_per_epoch
@@ -270,22 +288,12 @@ def main():
         f"separation {1 / adata.obs.loc[adata.obs.responder, 'program'].nunique():.3f}, subclone "
         f"{1 / n_subclones:.3f}, R² 0."
     )
-    warmup = args.n_epochs_kl_warmup
     command = (
         f"`.venv/bin/python benchmarks/benchmark_core.py --cells {args.cells} --genes {args.genes} "
-        f"--epochs {args.epochs} --seed {args.seed} "
-        + (f"--n-epochs-kl-warmup {warmup} " if warmup else "")
-        + (f"--lr {args.lr} " if args.lr is not None else "")
-        + f"--model-seeds {' '.join(map(str, args.model_seeds))} --output {args.output}`"
+        f"--epochs {args.epochs} --seed {args.seed}{vae_options(args)} "
+        f"--model-seeds {' '.join(map(str, args.model_seeds))} --output {args.output}`"
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        "# Core benchmark results\n\n"
-        f"Produced by {command} on {time.strftime('%Y-%m-%d')}.\n\n{header}\n\n"
-        + "\n".join(lines)
-        + "\n"
-    )
-    print("\n".join(lines))
+    write_results(args.output, "Core benchmark results", command, header, lines)
 
 
 if __name__ == "__main__":
