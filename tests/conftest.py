@@ -1,7 +1,9 @@
 import logging
 import warnings
 
+import numpy as np
 import pytest
+from _helpers import setup
 
 import pertpy_contrastive as pc
 
@@ -27,3 +29,32 @@ def screen():
         program_size=15,
         seed=1,
     )
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """A trained model with written outputs: 1500 cells, 200 genes, strong programs.
+
+    Each cell also has one of two guides: ``<target>_g1`` for 80% of its target's responders
+    and 20% of its escapers, ``<target>_g2`` for the others, so that g1 is the efficient guide.
+    """
+    adata = pc.datasets.simulate_screen(
+        n_cells=1500,
+        n_genes=200,
+        n_targets=6,
+        n_programs=2,
+        n_null_targets=2,
+        program_size=25,
+        effect_size=1.2,
+        seed=3,
+    )
+    rng = np.random.default_rng(0)
+    labels = adata.obs["perturbation"].astype(str)
+    is_escaper = adata.obs["escaped"].to_numpy()
+    first_guide = rng.random(adata.n_obs) < np.where(is_escaper, 0.2, 0.8)
+    adata.obs["guide"] = (labels + np.where(first_guide, "_g1", "_g2")).astype("category")
+    setup(adata, batch_key="batch", guide_key="guide")
+    model = pc.ContrastiveVAE(adata, seed=0)
+    model.train(max_epochs=60, batch_size=64, early_stopping=False, enable_progress_bar=False)
+    model.write_outputs()
+    return adata, model

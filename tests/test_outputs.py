@@ -14,25 +14,6 @@ OUTPUT_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def trained():
-    adata = pc.datasets.simulate_screen(
-        n_cells=1500,
-        n_genes=200,
-        n_targets=6,
-        n_programs=2,
-        n_null_targets=2,
-        program_size=25,
-        effect_size=1.2,
-        seed=3,
-    )
-    setup(adata, batch_key="batch")
-    model = pc.ContrastiveVAE(adata, seed=0)
-    model.train(max_epochs=60, batch_size=64, early_stopping=False, enable_progress_bar=False)
-    model.write_outputs()
-    return adata, model
-
-
 def test_outputs_have_documented_keys_and_shapes(trained):
     adata, _ = trained
     for key in OUTPUT_KEYS["obsm"]:
@@ -197,7 +178,7 @@ def test_papalexi_responder_pseudobulk_into_pydeseq2(papalexi_outputs):
     assert result.loc["STAT1", "log_fc"] < 0
     assert result.loc["STAT1", "adj_p_value"] < 0.05
     with pytest.raises(KeyError, match="Run model.write_outputs"):
-        pc.tl.responder_pseudobulk(rna, salient_key="X_missing")
+        pc.tl.responder_pseudobulk(rna, probability_key="missing")
 
 
 def test_simulated_responder_pseudobulk_into_pydeseq2(trained):

@@ -19,6 +19,13 @@ class CellGroup(IntEnum):
 GROUP_KEY = "contrastive_group"
 """Registry key of the per-cell :class:`CellGroup` code (stored in ``obs['_scvi_contrastive_group']``)."""
 
+TARGET_KEY = "contrastive_target"
+"""Registry key of each cell's target index (stored in ``obs['_scvi_contrastive_target']``): the
+position of its label among the trained targets, or ``NO_TARGET``."""
+
+NO_TARGET = -1
+"""Target index of controls and of cells whose label is not a trained target."""
+
 CELL_WEIGHT_KEY = "cell_weight"
 """Minibatch key of the per-cell ELBO weight added by the paired loader."""
 

@@ -18,7 +18,7 @@ from anndata import AnnData
 from mudata import MuData
 from scvi.data.fields import BaseAnnDataField
 
-from ._constants import GROUP_KEY, CellGroup
+from ._constants import GROUP_KEY, NO_TARGET, TARGET_KEY, CellGroup
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +297,74 @@ class PerturbationGroupField(BaseAnnDataField):
 
     def get_summary_stats(self, state_registry: dict) -> dict:
         return {}
+
+    def view_state_registry(self, state_registry: dict) -> None:
+        return None
+
+
+class PerturbationTargetField(BaseAnnDataField):
+    """Registers each cell's target index: the position of its label among the trained targets.
+
+    The responder prior of the model is per target, so the loaders must carry the index. It is
+    written to ``obs['_scvi_contrastive_target']`` (``NO_TARGET`` for controls and for labels
+    that are not trained targets). The trained targets are the labels of the target cells at
+    registration, sorted; the registry keeps them, so new data is indexed the same way.
+    """
+
+    def __init__(self, perturbation_key: str, control_labels: Sequence[str], excluded_labels):
+        super().__init__()
+        self.perturbation_key = perturbation_key
+        self.control_labels = list(control_labels)
+        self.excluded_labels = list(excluded_labels)
+
+    @property
+    def registry_key(self) -> str:
+        return TARGET_KEY
+
+    @property
+    def attr_name(self) -> str:
+        return "obs"
+
+    @property
+    def attr_key(self) -> str:
+        return f"_scvi_{TARGET_KEY}"
+
+    @property
+    def is_empty(self) -> bool:
+        return False
+
+    def validate_field(self, adata: AnnData) -> None:
+        if self.perturbation_key not in adata.obs:
+            raise KeyError(
+                f"Perturbation key {self.perturbation_key!r} is not a column of obs. Available "
+                f"columns: {list(adata.obs.columns)}."
+            )
+
+    def _write_codes(self, adata: AnnData, target_labels: list[str]) -> dict:
+        if self.perturbation_key in adata.obs:
+            labels = adata.obs[self.perturbation_key].astype("string")
+            codes = pd.Categorical(labels, categories=target_labels).codes.astype(np.int64)
+        else:
+            codes = np.full(adata.n_obs, NO_TARGET, dtype=np.int64)
+        codes[codes < 0] = NO_TARGET
+        adata.obs[self.attr_key] = codes
+        return {"target_labels": list(target_labels)}
+
+    def register_field(self, adata: AnnData) -> dict:
+        self.validate_field(adata)
+        labels = adata.obs[self.perturbation_key]
+        groups = assign_groups(
+            labels, self.control_labels, self.excluded_labels, self.perturbation_key,
+            require_contrast=False,
+        )
+        targets = sorted(set(labels.astype(str).to_numpy()[groups == CellGroup.TARGET]))
+        return self._write_codes(adata, targets)
+
+    def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs) -> dict:
+        return self._write_codes(adata_target, state_registry["target_labels"])
+
+    def get_summary_stats(self, state_registry: dict) -> dict:
+        return {"n_targets": len(state_registry["target_labels"])}
 
     def view_state_registry(self, state_registry: dict) -> None:
         return None

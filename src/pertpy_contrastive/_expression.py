@@ -38,8 +38,8 @@ class ExpressionMixin:
         parts = {"z": [], "s": [], "batch": [], "cat": [], "cont": []}
         for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=1024):
             args, _ = self.module._get_fn_args_from_batch(tensors)
-            posterior = self.module.encode(*args)
-            _, _, batch_index, cat_covs, cont_covs = args
+            x, group, batch_index, cat_covs, cont_covs, _ = args
+            posterior = self.module.encode(x, group, batch_index, cat_covs, cont_covs)
             parts["z"].append(posterior["background"][0])
             parts["s"].append(posterior["salient"][0])
             parts["batch"].append(batch_index)
@@ -162,12 +162,13 @@ class ExpressionMixin:
         adata: AnnData | MuData | None = None,
         *,
         prefix: str = "contrastive",
+        threshold: float = 0.5,
         n_reference_cells: int = 50,
         seed: int = 0,
         overwrite: bool = False,
         modality: str = "rna",
     ) -> AnnData:
-        """Write latents, background-removed expression and perturbation effects.
+        """Write latents, responder calls, background-removed expression and perturbation effects.
 
         Writes, for every cell:
 
@@ -176,9 +177,18 @@ class ExpressionMixin:
         - ``layers['<prefix>_denoised']``: :meth:`get_denoised_expression`, dense float32,
           rows summing to 1e4, for ``pt.tl.WilcoxonTest`` / ``TTest.compare_groups(layer=...)``
           (log-transform it first if the test expects log data);
-        - ``layers['<prefix>_effect']``: :meth:`get_perturbation_effect`.
+        - ``layers['<prefix>_effect']``: :meth:`get_perturbation_effect`;
 
-        Nothing is written unless all four keys are free, or ``overwrite=True``.
+        and, unless the model was built with ``responder=False``:
+
+        - ``obs['<prefix>_p_perturbed']``: :meth:`get_responder_probability` (0 for controls,
+          NaN for cells whose label is not a trained target);
+        - ``obs['<prefix>_class']`` and ``obs['<prefix>_class_global']``: Mixscape's vocabulary,
+          ``"<target> KO"`` / ``"<target> NP"`` / ``"NT"`` and ``"KO"`` / ``"NP"`` / ``"NT"``,
+          KO when the probability exceeds ``threshold`` (missing for unscored cells);
+        - ``uns['<prefix>_responder_fractions']``: :meth:`get_responder_fractions` per target.
+
+        Nothing is written unless all keys are free, or ``overwrite=True``.
 
         Parameters
         ----------
@@ -187,8 +197,11 @@ class ExpressionMixin:
             to the data the model was set up with.
         prefix
             Prefix of the keys written.
+        threshold
+            Responder probability above which a perturbed cell is called KO.
         n_reference_cells, seed
-            Reference sample of :meth:`get_denoised_expression`.
+            Reference sample of :meth:`get_denoised_expression`; ``seed`` also seeds the
+            posterior draws of :meth:`get_responder_probability`.
         overwrite
             Replace existing keys of the same names.
         modality
@@ -199,10 +212,23 @@ class ExpressionMixin:
         The AnnData written to.
         """
         target = self.adata if adata is None else resolve_modality(adata, modality)
-        obsm_keys = {kind: f"X_{prefix}_{kind}" for kind in ("salient", "background")}
-        layer_keys = {"denoised": f"{prefix}_denoised", "effect": f"{prefix}_effect"}
-        taken = [f"obsm[{k!r}]" for k in obsm_keys.values() if k in target.obsm]
-        taken += [f"layers[{k!r}]" for k in layer_keys.values() if k in target.layers]
+        keys = {
+            "obsm": {kind: f"X_{prefix}_{kind}" for kind in ("salient", "background")},
+            "layers": {"denoised": f"{prefix}_denoised", "effect": f"{prefix}_effect"},
+            "obs": {},
+            "uns": {},
+        }
+        if self.module.responder:
+            keys["obs"] = {
+                name: f"{prefix}_{name}" for name in ("p_perturbed", "class", "class_global")
+            }
+            keys["uns"] = {"fractions": f"{prefix}_responder_fractions"}
+        taken = [
+            f"{attribute}[{key!r}]"
+            for attribute, named in keys.items()
+            for key in named.values()
+            if key in getattr(target, attribute)
+        ]
         if taken and not overwrite:
             raise KeyError(
                 f"{', '.join(taken)} already exist. Pass overwrite=True to replace them, or "
@@ -216,9 +242,28 @@ class ExpressionMixin:
         for latent in latents.values():
             check_finite_latent(latent)
         reference = self._reference_means(target, None, n_reference_cells, seed)
-        denoised = self._denoised(cells, reference, library_size=1e4)
-        effect = self._effect(cells)
-        target.obsm.update({obsm_keys[kind]: latent for kind, latent in latents.items()})
-        target.layers[layer_keys["denoised"]] = denoised
-        target.layers[layer_keys["effect"]] = effect
+        outputs = {
+            "obsm": {keys["obsm"][kind]: latent for kind, latent in latents.items()},
+            "layers": {
+                keys["layers"]["denoised"]: self._denoised(cells, reference, library_size=1e4),
+                keys["layers"]["effect"]: self._effect(cells),
+            },
+        }
+        if self.module.responder:
+            probability = self.get_responder_probability(target, seed=seed)
+            target_class, global_class = self._responder_calls(target, probability, threshold)
+            outputs["obs"] = {
+                keys["obs"]["p_perturbed"]: probability,
+                keys["obs"]["class"]: target_class,
+                keys["obs"]["class_global"]: global_class,
+            }
+            outputs["uns"] = {
+                keys["uns"]["fractions"]: self.get_responder_fractions(
+                    target, threshold=threshold, probability=probability
+                )
+            }
+        # Written only once everything is computed, so a failure leaves the data as it was.
+        for attribute, values in outputs.items():
+            for key, value in values.items():
+                getattr(target, attribute)[key] = value
         return target

@@ -26,9 +26,10 @@ from scvi.model.base import BaseModelClass
 from scvi.model.base._save_load import _load_saved_files
 from scvi.train import TrainRunner
 
-from ._constants import GROUP_KEY, LATENT_KINDS, CellGroup
+from ._constants import GROUP_KEY, LATENT_KINDS, TARGET_KEY, CellGroup
 from ._data import (
     PerturbationGroupField,
+    PerturbationTargetField,
     as_label_list,
     assign_groups,
     get_count_matrix,
@@ -40,18 +41,22 @@ from ._dataloading import PairedDataSplitter
 from ._expression import ExpressionMixin, check_finite_latent
 from ._likelihoods import Likelihood
 from ._module import ContrastivePyroModule
+from ._responders import ResponderMixin
 from ._training_plan import ContrastiveTrainingPlan
 
 logger = logging.getLogger(__name__)
 
 
-class ContrastiveVAE(ExpressionMixin, BaseModelClass):
+class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
     """Contrastive VAE for CRISPR screens, written in Pyro.
 
-    Every cell has a background latent; only perturbed (target) cells use the salient latent,
-    which the decoder holds at zero for control cells. Background variation that controls share with
-    perturbed cells (cell cycle, subclones, stress, replicates) therefore stays out of the salient
-    space. Covariates are given to the encoders and the decoder.
+    Every cell has a background latent; only perturbed (target) cells that responded use the
+    salient latent, which the decoder holds at zero for control cells and for perturbed cells that
+    escaped. Background variation that controls share with perturbed cells (cell cycle,
+    subclones, stress, replicates) therefore stays out of the salient space. Whether a perturbed
+    cell responded is a latent variable of the model, summed out in training, with a responder
+    fraction per target; :meth:`get_responder_probability` gives its posterior. Covariates are
+    given to the encoders and the decoder.
 
     Parameters
     ----------
@@ -86,6 +91,10 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         Opt-in: give the salient encoder each cell's group (control / perturbed / excluded). This
         can sharpen the contrast, but the salient latent then depends on the guide label and can
         no longer show that a labelled cell looks unperturbed (an escaper) on its own.
+    responder
+        Model whether each perturbed cell responded (default). ``False`` gives the plain
+        contrastive VAE, in which every perturbed cell uses its salient latent and
+        :meth:`get_responder_probability` is not available.
     seed
         Seed of the initial network weights (training has its own seed, see :meth:`train`).
     modality
@@ -117,6 +126,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         wasserstein_weight: float = 0.0,
         background_mmd_weight: float = 10.0,
         salient_encoder_sees_group: bool = False,
+        responder: bool = True,
         seed: int = 0,
         modality: str = "rna",
     ):
@@ -134,6 +144,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
                 n_background=n_background,
                 n_salient=n_salient,
                 n_batch=n_batch,
+                n_targets=self.summary_stats.n_targets,
                 n_cats_per_cov=tuple(cat_covs_registry.get("n_cats_per_key", ())),
                 n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
                 n_hidden=n_hidden,
@@ -146,12 +157,13 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
                 wasserstein_weight=wasserstein_weight,
                 background_mmd_weight=background_mmd_weight,
                 salient_encoder_sees_group=salient_encoder_sees_group,
+                responder=responder,
             )
         self._model_summary_string = (
             f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "
             f"n_hidden={n_hidden}, n_layers={n_layers}, likelihood={likelihood}, "
             f"observed library={use_observed_library}, wasserstein_weight={wasserstein_weight}, "
-            f"background_mmd_weight={background_mmd_weight}"
+            f"background_mmd_weight={background_mmd_weight}, responder={responder}"
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -166,6 +178,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         exclude: str | Sequence[str] | None = None,
         layer: str | None = None,
         batch_key: str | None = None,
+        guide_key: str | None = None,
         categorical_covariate_keys: Sequence[str] | None = None,
         continuous_covariate_keys: Sequence[str] | None = None,
         modality: str = "rna",
@@ -180,7 +193,8 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         Everything is validated before anything is written. Besides scvi-tools' registry
         (``uns['_scvi_uuid']``, ``uns['_scvi_manager_uuid']``), registration writes only these
         obs/obsm entries: ``obs['_scvi_contrastive_group']`` (0 control, 1 target, 2 excluded),
-        ``obs['_scvi_batch']``, and, when covariates are given,
+        ``obs['_scvi_contrastive_target']`` (index of the cell's target among the trained targets,
+        -1 for controls and other labels), ``obs['_scvi_batch']``, and, when covariates are given,
         ``obsm['_scvi_extra_categorical_covs']`` / ``obsm['_scvi_extra_continuous_covs']``.
 
         Parameters
@@ -197,6 +211,11 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
             Layer with raw UMI counts; ``None`` uses ``X``. Kept sparse.
         batch_key
             obs column of the batch / replicate. Steps pair controls and targets within a batch.
+        guide_key
+            obs column with each cell's guide (e.g. from
+            :func:`~pertpy_contrastive.pp.perturbation_labels`, ``guide_key_added``). The model
+            does not train on it; :meth:`get_responder_fractions` reports the responder
+            fraction per guide with ``by="guide"``.
         categorical_covariate_keys
             Further categorical obs columns (cell line, ...), given to encoders and decoder.
         continuous_covariate_keys
@@ -224,6 +243,8 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         if batch_key is not None:
             categorical[batch_key] = "Batch key"
         validate_covariates(adata, categorical, continuous_covariate_keys, parent_obs)
+        if guide_key is not None and guide_key not in adata.obs and not transferring:
+            validate_covariates(adata, {guide_key: "Guide key"}, [], parent_obs)
         source = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
         validate_counts(get_count_matrix(adata, layer), source, adata.obs_names)
         if not transferring:
@@ -235,6 +256,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
             # Counts were validated above, with clearer messages than the field's own check.
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             PerturbationGroupField(perturbation_key, control_labels, excluded_labels),
+            PerturbationTargetField(perturbation_key, control_labels, excluded_labels),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
             NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
@@ -252,6 +274,7 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         train_size: float = 0.9,
         lr: float = 3e-3,
         n_epochs_kl_warmup: int | None = None,
+        n_epochs_responder_warmup: int | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 20,
         stratify_by_batch: bool = True,
@@ -277,6 +300,10 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         n_epochs_kl_warmup
             Epochs over which the KL and Wasserstein weight rises from ~0 to 1. Default: a
             quarter of ``max_epochs``.
+        n_epochs_responder_warmup
+            Epochs during which every perturbed cell is trained as a responder, so that the
+            decoder learns to use the salient latent before the responder variable is switched
+            on. Default: ``n_epochs_kl_warmup``. Ignored with ``responder=False``.
         early_stopping
             Stop when the validation ELBO has not improved for ``early_stopping_patience``
             epochs (counted after the warm-up).
@@ -311,7 +338,14 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
                 "No validation cells (train_size=%s): early stopping is off.", train_size
             )
             early_stopping = False
-        plan_kwargs = {"lr": lr, "n_epochs_kl_warmup": n_epochs_kl_warmup, **(plan_kwargs or {})}
+        if n_epochs_responder_warmup is None:
+            n_epochs_responder_warmup = n_epochs_kl_warmup
+        plan_kwargs = {
+            "lr": lr,
+            "n_epochs_kl_warmup": n_epochs_kl_warmup,
+            "n_epochs_responder_warmup": n_epochs_responder_warmup,
+            **(plan_kwargs or {}),
+        }
         self.module.train()  # a trained model is left in eval mode; training resumes from it
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
         trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
@@ -377,8 +411,10 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
         latents = []
         for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
-            args, _ = self.module._get_fn_args_from_batch(tensors)
-            loc, scale = self.module.encode(*args)[kind]
+            x, group, batch_index, cat_covs, cont_covs, _ = self.module._get_fn_args_from_batch(
+                tensors
+            )[0]
+            loc, scale = self.module.encode(x, group, batch_index, cat_covs, cont_covs)[kind]
             latents.append(loc if give_mean else torch.distributions.Normal(loc, scale).sample())
         latent = torch.cat(latents).cpu().numpy()
         check_finite_latent(latent)
@@ -416,13 +452,26 @@ class ContrastiveVAE(ExpressionMixin, BaseModelClass):
         **kwargs
             Passed to :meth:`scvi.model.base.BaseModelClass.load`.
         """
+        attributes, var_names, _, _ = _load_saved_files(
+            dir_path, load_adata=False, prefix=kwargs.get("prefix"), map_location="cpu"
+        )
+        _check_saved_version(attributes, dir_path)
         if adata is not None:
             adata = resolve_modality(adata, modality)
-            _, var_names, _, _ = _load_saved_files(
-                dir_path, load_adata=False, prefix=kwargs.get("prefix"), map_location="cpu"
-            )
             _check_same_genes(np.asarray(var_names), adata)
         return super().load(dir_path, adata=adata, **kwargs)
+
+
+def _check_saved_version(attributes: dict, dir_path: str) -> None:
+    """Refuse, with the way out, models saved before the responder model (version 0.1)."""
+    fields = attributes["registry_"]["field_registries"]
+    if GROUP_KEY in fields and TARGET_KEY not in fields:
+        raise ValueError(
+            f"The model in {dir_path!r} was saved by pertpy-contrastive 0.1, before the responder "
+            "model: it has no target registry and no responder parameters, so it cannot be "
+            "loaded by this version. Retrain it with this version (pass responder=False for the "
+            "0.1 model), or load it with `pip install 'pertpy-contrastive<0.2'`."
+        )
 
 
 def _check_same_genes(expected: np.ndarray, adata: AnnData) -> None:

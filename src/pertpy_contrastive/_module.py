@@ -1,20 +1,29 @@
 """The generative model and its amortised guide, in Pyro.
 
-Generative model, for cell n with covariates c_n (batch, categorical, continuous):
+Generative model, for cell n with covariates c_n (batch, categorical, continuous) and, for a
+cell with a targeting guide, its target t_n:
 
     z_n ~ Normal(0, I)                                  background latent, every cell
-    s_n ~ Normal(0, I)                                  salient latent, every cell ...
-    s'_n = s_n if n is a target cell, else 0            ... used by perturbed cells only
+    y_n ~ Bernoulli(pi_t)                               responder: did the knockout take? (targets)
+    s_n ~ Normal(y_n * mu_t, I)                         salient latent, every cell ...
+    s'_n = s_n if y_n = 1, else 0                       ... used by responders only
     l_n = total counts of n (observed), or l_n ~ LogNormal(mu_batch, sigma_batch)
     rho_n = softmax(f(z_n, s'_n, c_n))                  decoder: per-gene proportions
     x_ng ~ ZINB / NB / Poisson(mean = l_n * rho_ng, gene-wise dispersion theta_g)
 
+Controls have y_n = 0. pi_t (the target's responder fraction) and mu_t (the centre of its
+responders' salient latents, shrunk towards 0 by a Normal(0, I) prior) are point estimates. y_n
+is summed out exactly, a log-sum-exp over the two branches, never sampled. With
+``responder=False`` every target cell is a responder (y_n = 1, mu_t = 0): the plain contrastive
+VAE.
+
 Guide: q(z_n | x_n, c_n) q(s_n | x_n, c_n) [q(l_n | x_n, c_n)], encoders on log-normalised
 counts. The encoders do not see the perturbation label (unless ``salient_encoder_sees_group``),
-so a cell's salient latent reflects its expression, not its guide. A control's expression does
-not depend on s, so the ELBO pulls its q(s | x) to the prior, centred on 0; an opt-in Wasserstein
-penalty pulls it further, to the point mass at 0. A per-step MMD between controls' and perturbed
-cells' background latents keeps perturbation effects out of z.
+so a cell's salient latent reflects its expression, not its guide. The label enters only the
+responder branch, as the index of pi_t and mu_t. A control or a non-responder is decoded without
+s, so the ELBO pulls its q(s | x) to the prior, centred on 0, and its s cannot fit noise; an
+opt-in Wasserstein penalty pulls controls' q(s | x) further, to the point mass at 0. A per-step
+MMD between controls' and perturbed cells' background latents keeps perturbation effects out of z.
 """
 
 from __future__ import annotations
@@ -22,13 +31,14 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from scvi import REGISTRY_KEYS
 from scvi.module.base import PyroBaseModuleClass, auto_move_data
 from scvi.nn import DecoderSCVI, Encoder
 from torch import nn
 
-from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, CellGroup
+from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, TARGET_KEY, CellGroup
 from ._likelihoods import LIKELIHOODS, Likelihood, count_distribution
 
 _NORMALISED_LIBRARY = 1e4
@@ -48,6 +58,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         Dimension of the salient latent s.
     n_batch
         Number of batches (1 when no batch key is registered).
+    n_targets
+        Number of perturbation targets (the responder prior has one pi_t and mu_t each).
     n_cats_per_cov
         Number of categories of each extra categorical covariate.
     n_continuous_cov
@@ -72,6 +84,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         and perturbed cells, which keeps perturbation effects out of z.
     salient_encoder_sees_group
         Give the salient encoder each cell's group (control / perturbed / excluded). Off by default.
+    responder
+        Model whether each target cell responded (the y_n above); otherwise all target cells
+        use their salient latent.
     """
 
     def __init__(
@@ -80,6 +95,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         n_background: int = 10,
         n_salient: int = 10,
         n_batch: int = 1,
+        n_targets: int = 1,
         n_cats_per_cov: tuple[int, ...] = (),
         n_continuous_cov: int = 0,
         n_hidden: int = 128,
@@ -92,6 +108,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         wasserstein_weight: float = 0.0,
         background_mmd_weight: float = 10.0,
         salient_encoder_sees_group: bool = False,
+        responder: bool = True,
+        responder_salient_scale: float = 0.25,
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -103,6 +121,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         self.wasserstein_weight = wasserstein_weight
         self.background_mmd_weight = background_mmd_weight
         self.salient_encoder_sees_group = salient_encoder_sees_group
+        self.responder = responder
+        self.responder_salient_scale = responder_salient_scale
 
         covariate_sizes = [n_batch, *n_cats_per_cov]
         network = {
@@ -143,6 +163,10 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         )
         # Gene-wise inverse dispersion theta_g, a point estimate kept in the state dict.
         self.log_dispersion = nn.Parameter(torch.zeros(n_genes))
+        if responder:
+            # logit(pi_t) starts at 0 (half the cells respond) and mu_t at the prior's centre.
+            self.responder_logits = nn.Parameter(torch.zeros(n_targets))
+            self.target_salient_loc = nn.Parameter(torch.zeros(n_targets, n_salient))
 
     @property
     def device(self) -> torch.device:
@@ -161,6 +185,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             tensors[REGISTRY_KEYS.BATCH_KEY].long(),
             tensors.get(REGISTRY_KEYS.CAT_COVS_KEY, no_covariates).long(),
             tensors.get(REGISTRY_KEYS.CONT_COVS_KEY, no_covariates).float(),
+            tensors[TARGET_KEY].reshape(-1).long(),
         )
         cell_weight = tensors.get(CELL_WEIGHT_KEY)
         return args, {"cell_weight": None if cell_weight is None else cell_weight.reshape(-1)}
@@ -168,25 +193,45 @@ class ContrastivePyroModule(PyroBaseModuleClass):
     # -- generative model ---------------------------------------------------------------------
 
     @auto_move_data
-    def model(self, x, group, batch_index, cat_covs, cont_covs, cell_weight=None, kl_weight=1.0):
-        """Sample the generative model p(x, z, s, l | covariates)."""
+    def model(
+        self,
+        x,
+        group,
+        batch_index,
+        cat_covs,
+        cont_covs,
+        target,
+        cell_weight=None,
+        kl_weight=1.0,
+        n_obs=None,
+        all_respond=False,
+        salient_scale=None,
+    ):
+        """Sample the generative model p(x, z, s, l | covariates), with y summed out.
+
+        ``all_respond=True`` fixes y = 1 for every target cell (the plain contrastive VAE). The
+        training plan uses it for the first epochs: until the decoder has learnt to use s, the
+        responder branch explains no cell better than the escaper branch, and a model that
+        starts with the mixture collapses to "nobody responded".
+        """
         # Parameters are this nn.Module's own, optimised by torch on the differentiable ELBO; no
         # pyro.module call, so the global param store holds nothing and models do not collide.
         n_cells = x.shape[0]
         is_target = group == CellGroup.TARGET
         covariates = _categorical_covariates(batch_index, cat_covs)
+        if self.responder and n_obs:
+            # mu_t is global: its prior enters the per-cell mean ELBO once, divided by the
+            # number of training cells, like any global term of a minibatch estimate.
+            prior = dist.Normal(0.0, 1.0).log_prob(self.target_salient_loc).sum()
+            pyro.factor("target_salient_loc_prior", prior / n_obs)
         # Controls and targets are drawn at different rates; cell_weight rescales each cell so
         # the minibatch ELBO is an unbiased estimate of the training-set ELBO (per cell).
         with pyro.plate("cells", n_cells), poutine.scale(scale=_scale(cell_weight)):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("background", _standard_normal(x, n_cells, self.n_background))
+                # The prior of s given y = 0; a responder's prior N(mu_t, I) enters the
+                # responder branch as the density ratio (see _branch_log_likelihoods).
                 s = pyro.sample("salient", _standard_normal(x, n_cells, self.n_salient))
-            # Controls carry no perturbation: their expression is decoded with s = 0, so the ELBO
-            # pulls their q(s | x) to the prior, as it does for perturbed cells that do not
-            # respond. Controls and non-responders look alike, and a penalty that treated them
-            # differently would make the encoder memorise the training controls
-            # (docs/model.md#guide).
-            s = s * is_target.unsqueeze(-1)
             if self.use_observed_library:
                 log_library = x.sum(-1, keepdim=True).log()
             else:
@@ -195,11 +240,93 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 log_library = pyro.sample(
                     "log_library", dist.Normal(prior_loc, prior_scale).to_event(1)
                 )
-            rate, gate_logits = self._decode(z, s, cont_covs, log_library, covariates)
-            counts = count_distribution(
-                self.likelihood, rate, self.log_dispersion.exp(), gate_logits
+            if not self.responder:
+                # Every target cell responds; controls carry no perturbation (s' = 0).
+                used_salient = s * is_target.unsqueeze(-1)
+                rate, gate_logits = self._decode(z, used_salient, cont_covs, log_library, covariates)
+                counts = count_distribution(
+                    self.likelihood, rate, self.log_dispersion.exp(), gate_logits
+                )
+                pyro.sample("counts", counts.to_event(1), obs=x)
+                return
+            unperturbed, escaped, responded = self._branch_log_likelihoods(
+                x, z, s, log_library, covariates, cont_covs, is_target, target, salient_scale
             )
-            pyro.sample("counts", counts.to_event(1), obs=x)
+            if all_respond:
+                target_log_likelihood = responded - F.logsigmoid(self.responder_logits[target[is_target]])
+            else:
+                target_log_likelihood = torch.logaddexp(escaped, responded)
+            # log p(x | z, s) with y summed out: log(pi p1 + (1 - pi) p0) for target cells,
+            # log p0 for controls.
+            marginal = unperturbed.index_put(
+                (is_target.nonzero(as_tuple=True)[0],), target_log_likelihood
+            )
+            pyro.factor("counts", marginal)
+
+    def _branch_log_likelihoods(
+        self, x, z, s, log_library, covariates, cont_covs, cells, target, salient_scale=None
+    ):
+        """Log-likelihoods of every cell without s, and the two responder branches of ``cells``.
+
+        Returns ``log p(x | z, s' = 0)`` for every cell, and for the selected cells
+        ``log(1 - pi_t) + log p(x | z, 0)`` and
+        ``log pi_t + log N(s; mu_t, I) - log N(s; 0, I) + log p(x | z, s)``. The density ratio
+        turns the N(0, I) prior of the salient sample site into the responder's N(mu_t, I).
+        """
+        n_cells = x.shape[0]
+        # One decoder pass over every cell at s = 0 and the selected cells at their own s, so
+        # that batch normalisation sees both.
+        stacked = [
+            torch.cat([values, values[cells]])
+            for values in (x, z, log_library, cont_covs, *covariates)
+        ]
+        x_both, z_both, library_both, cont_both, *covariates_both = stacked
+        s_both = torch.cat([torch.zeros_like(s), s[cells]])
+        rate, gate_logits = self._decode(z_both, s_both, cont_both, library_both, covariates_both)
+        counts = count_distribution(self.likelihood, rate, self.log_dispersion.exp(), gate_logits)
+        log_likelihood = counts.log_prob(x_both).sum(-1)
+        unperturbed, perturbed = log_likelihood[:n_cells], log_likelihood[n_cells:]
+
+        logit = self.responder_logits[target[cells]]
+        loc = self.target_salient_loc[target[cells]]
+        scale = self.responder_salient_scale if salient_scale is None else salient_scale
+        responder_prior = dist.Normal(loc, scale).to_event(1)
+        log_prior_ratio = responder_prior.log_prob(s[cells]) - _standard_normal(
+            s, int(cells.sum()), self.n_salient
+        ).log_prob(s[cells])
+        escaped = F.logsigmoid(-logit) + unperturbed[cells]
+        responded = F.logsigmoid(logit) + log_prior_ratio + perturbed
+        return unperturbed, escaped, responded
+
+    def responder_log_odds(
+        self, x, group, batch_index, cat_covs, cont_covs, target, n_samples: int = 25
+    ) -> torch.Tensor:
+        """Posterior log odds that each cell with a target responded, per posterior sample.
+
+        For draws (z, s) from the guide, the log odds are ``log(pi p1) - log((1 - pi) p0)`` of
+        the two branches of the model; the posterior P(y = 1 | x) is the mean of their sigmoid.
+        Cells without a target (``target < 0``) get NaN.
+
+        Returns
+        -------
+        Tensor ``(n_samples, n_cells)``.
+        """
+        posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)
+        covariates = _categorical_covariates(batch_index, cat_covs)
+        if self.use_observed_library:
+            log_library = x.sum(-1, keepdim=True).log()
+        else:
+            log_library = posterior["log_library"][0]
+        has_target = target >= 0
+        log_odds = x.new_full((n_samples, x.shape[0]), float("nan"))
+        for sample in range(n_samples):
+            z = dist.Normal(*posterior["background"]).sample()
+            s = dist.Normal(*posterior["salient"]).sample()
+            _, escaped, responded = self._branch_log_likelihoods(
+                x, z, s, log_library, covariates, cont_covs, has_target, target
+            )
+            log_odds[sample, has_target] = responded - escaped
+        return log_odds
 
     def expression_proportions(self, z, s, batch_index, cat_covs, cont_covs) -> torch.Tensor:
         """Decode per-gene proportions rho = softmax(f(z, s, c)), free of library size."""
@@ -215,7 +342,20 @@ class ContrastivePyroModule(PyroBaseModuleClass):
     # -- guide --------------------------------------------------------------------------------
 
     @auto_move_data
-    def guide(self, x, group, batch_index, cat_covs, cont_covs, cell_weight=None, kl_weight=1.0):
+    def guide(
+        self,
+        x,
+        group,
+        batch_index,
+        cat_covs,
+        cont_covs,
+        target,
+        cell_weight=None,
+        kl_weight=1.0,
+        n_obs=None,
+        all_respond=False,
+        salient_scale=None,
+    ):
         """Sample the amortised mean-field guide q(z | x) q(s | x) [q(l | x)]."""
         n_cells = x.shape[0]
         posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)

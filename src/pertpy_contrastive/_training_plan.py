@@ -38,6 +38,10 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
         The same in steps; used only when ``n_epochs_kl_warmup`` is ``None``.
     min_kl_weight, max_kl_weight
         Range of the warm-up weight (Pyro needs a positive scale, hence not 0).
+    n_epochs_responder_warmup
+        Epochs during which every perturbed cell is trained as a responder (the plain
+        contrastive VAE), so that the decoder learns to use the salient latent before the
+        responder variable is summed out. Validation always uses the full model.
     """
 
     def __init__(
@@ -49,7 +53,9 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
         n_steps_kl_warmup: int | None = None,
         min_kl_weight: float = 1e-6,
         max_kl_weight: float = 1.0,
+        n_epochs_responder_warmup: int = 0,
     ):
+        self.n_epochs_responder_warmup = n_epochs_responder_warmup
         super().__init__(
             pyro_module,
             loss_fn=pyro.infer.Trace_ELBO(),
@@ -61,13 +67,26 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
             max_kl_weight=max_kl_weight,
         )
 
-    def _negative_elbo(self, batch: dict[str, torch.Tensor], kl_weight: float) -> torch.Tensor:
+    def _negative_elbo(
+        self,
+        batch: dict[str, torch.Tensor],
+        kl_weight: float,
+        all_respond: bool = False,
+        salient_scale: float | None = None,
+    ) -> torch.Tensor:
         args, kwargs = self.module._get_fn_args_from_batch(batch)
         # Inputs were validated once at setup; Pyro's per-step shape and support checks cost
         # about 5% of a step.
         with pyro.validation_enabled(False):
             return self.differentiable_loss_fn(
-                self.module.model, self.module.guide, *args, kl_weight=kl_weight, **kwargs
+                self.module.model,
+                self.module.guide,
+                *args,
+                kl_weight=kl_weight,
+                n_obs=self.n_obs_training,
+                all_respond=all_respond,
+                salient_scale=salient_scale,
+                **kwargs,
             )
 
     def configure_optimizers(self):
@@ -75,12 +94,22 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
         fused = self.device.type in ("cpu", "cuda")
         return self.optim(self.module.parameters(), **self.optim_kwargs, fused=fused)
 
+    def _salient_scale(self) -> float:
+        """Responders' salient prior scale: 1 while all respond, then annealed to the module's."""
+        final = self.module.responder_salient_scale
+        progress = (self.current_epoch - self.n_epochs_responder_warmup) / max(
+            1, self.n_epochs_responder_warmup
+        )
+        progress = min(max(progress, 0.0), 1.0)
+        return 1.0 + progress * (final - 1.0)
+
     def training_step(self, batch, batch_idx):
         """Negative ELBO of one paired step, with the current KL warm-up weight."""
         kl_weight = float(self.kl_weight)
         # The forward pass updates batch-norm statistics; keep them to undo a diverged step.
         buffers = {name: buffer.clone() for name, buffer in self.module.named_buffers()}
-        loss = self._negative_elbo(batch, kl_weight)
+        all_respond = self.current_epoch < self.n_epochs_responder_warmup
+        loss = self._negative_elbo(batch, kl_weight, all_respond, self._salient_scale())
         if not torch.isfinite(loss):
             # Raised before the optimiser step, so the parameters stay as they were.
             self.module.load_state_dict(buffers, strict=False)
@@ -99,7 +128,7 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
 
     def validation_step(self, batch, batch_idx):
         """Negative ELBO of one validation step, at full KL weight."""
-        loss = self._negative_elbo(batch, kl_weight=1.0)
+        loss = self._negative_elbo(batch, kl_weight=1.0, salient_scale=self._salient_scale())
         n_cells = len(batch[CELL_WEIGHT_KEY])
         self.log("elbo_validation", loss, on_epoch=True, prog_bar=True, batch_size=n_cells)
 

@@ -58,6 +58,7 @@ def perturbation_labels(
     multiple_label: str = "multiple",
     separator: str = "+",
     key_added: str = "perturbation",
+    guide_key_added: str | None = None,
     overwrite: bool = False,
 ) -> pd.Series:
     """Turn pertpy guide assignments into the perturbation labels the model trains on.
@@ -105,8 +106,13 @@ def perturbation_labels(
         Separator of several guides in one label.
     key_added
         obs column written: on the RNA modality for a MuData, else on ``data``.
+    guide_key_added
+        Also write each labelled cell's guide (several joined by ``+``) to this obs column, for
+        ``ContrastiveVAE.setup_anndata(guide_key=...)`` and per-guide responder fractions.
+        Cells without a label get a missing value.
     overwrite
-        Replace an existing ``key_added`` column; otherwise an existing column is an error.
+        Replace existing ``key_added`` / ``guide_key_added`` columns; otherwise an existing
+        column is an error.
 
     Returns
     -------
@@ -128,11 +134,12 @@ def perturbation_labels(
             )
     else:
         guides = destination = data
-    if key_added in destination.obs and not overwrite:
-        raise KeyError(
-            f"obs[{key_added!r}] already exists. Pass overwrite=True to replace it, or choose "
-            "another key_added."
-        )
+    for key in (key_added, guide_key_added):
+        if key is not None and key in destination.obs and not overwrite:
+            raise KeyError(
+                f"obs[{key!r}] already exists. Pass overwrite=True to replace it, or choose "
+                "another key_added / guide_key_added."
+            )
 
     if guide_to_target is None:
         if target_key not in guides.var:
@@ -149,7 +156,7 @@ def perturbation_labels(
             "guide_to_target or to var[target_key]."
         )
 
-    labels = []
+    labels, cell_guides = [], []
     outcomes = {
         "control": 0,
         "single target": 0,
@@ -158,6 +165,7 @@ def perturbation_labels(
         "no guide (excluded)": 0,
     }
     for guide_set in guide_sets:
+        cell_guides.append("+".join(sorted(guide_set)) if guide_set else None)
         if guide_set is None:
             labels.append(None)
             outcomes["several (excluded)"] += 1
@@ -181,6 +189,9 @@ def perturbation_labels(
             outcomes["several (excluded)"] += 1
     series = pd.Series(pd.Categorical(labels), index=destination.obs_names, name=key_added)
     destination.obs[key_added] = series
+    if guide_key_added is not None:
+        guides_of_labelled = [g if label is not None else None for g, label in zip(cell_guides, labels, strict=True)]
+        destination.obs[guide_key_added] = pd.Categorical(guides_of_labelled)
     logger.info(
         "Perturbation labels in obs[%r]: %s.",
         key_added,

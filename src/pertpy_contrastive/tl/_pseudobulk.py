@@ -14,17 +14,18 @@ def responder_pseudobulk(
     perturbation_key: str = "perturbation",
     control: str = "non-targeting",
     sample_key: str = "replicate",
-    salient_key: str = "X_contrastive_salient",
+    probability_key: str = "contrastive_p_perturbed",
     layer: str | None = None,
-    quantile: float = 0.95,
+    threshold: float = 0.5,
     min_cells: int = 10,
 ) -> AnnData:
     """Sum the raw counts of the cells the model finds perturbed, per perturbation and sample.
 
-    A perturbed cell counts as a responder when the norm of its salient latent exceeds the
-    ``quantile`` of the control cells' norms, so escapers do not dilute the pseudobulk. Control
-    cells are all kept. Counts are summed per (perturbation, sample); groups with fewer than
-    ``min_cells`` cells are dropped.
+    A perturbed cell counts as a responder when the model's posterior probability that it
+    responded (``obs[probability_key]``, from
+    :meth:`~pertpy_contrastive.ContrastiveVAE.write_outputs`) exceeds ``threshold``, so escapers
+    do not dilute the pseudobulk. Control cells are all kept. Counts are summed per
+    (perturbation, sample); groups with fewer than ``min_cells`` cells are dropped.
 
     What the p-values mean: with ``pt.tl.PyDESeq2`` on this output (e.g.
     ``compare_groups(pb, column=perturbation_key, baseline=control, groups_to_compare=[...],
@@ -37,16 +38,16 @@ def responder_pseudobulk(
     Parameters
     ----------
     adata
-        AnnData with raw counts, perturbation labels, samples, and the salient latent (from
-        :meth:`~pertpy_contrastive.ContrastiveVAE.write_outputs`).
+        AnnData with raw counts, perturbation labels, samples, and the responder probability
+        (from :meth:`~pertpy_contrastive.ContrastiveVAE.write_outputs`).
     perturbation_key, control, sample_key
         obs columns of the labels and samples, and the control label.
-    salient_key
-        obsm key of the salient latent.
+    probability_key
+        obs column of the responder probability.
     layer
         Layer with raw counts; ``None`` uses ``X``.
-    quantile
-        Quantile of control norms above which a perturbed cell is a responder.
+    threshold
+        Responder probability above which a perturbed cell is kept.
     min_cells
         Smallest number of cells in a pseudobulk sample.
 
@@ -58,18 +59,17 @@ def responder_pseudobulk(
     for key in (perturbation_key, sample_key):
         if key not in adata.obs:
             raise KeyError(f"obs[{key!r}] not found. Available columns: {list(adata.obs.columns)}.")
-    if salient_key not in adata.obsm:
+    if probability_key not in adata.obs:
         raise KeyError(
-            f"obsm[{salient_key!r}] not found. Run model.write_outputs(adata) first, or pass "
-            "salient_key=<your key>."
+            f"obs[{probability_key!r}] not found. Run model.write_outputs(adata) first (with a "
+            "model built with responder=True, the default), or pass probability_key=<your key>."
         )
     labels = adata.obs[perturbation_key].astype("string")
     is_control = (labels == control).to_numpy(dtype=bool, na_value=False)
     if not is_control.any():
         raise ValueError(f"No cells labelled {control!r} in obs[{perturbation_key!r}].")
-    norm = np.linalg.norm(adata.obsm[salient_key], axis=1)
-    threshold = np.quantile(norm[is_control], quantile)
-    keep = is_control | (labels.notna().to_numpy() & (norm > threshold))
+    probability = adata.obs[probability_key].to_numpy(dtype=float)
+    keep = is_control | (labels.notna().to_numpy() & (np.nan_to_num(probability) > threshold))
 
     counts = adata.X if layer is None else adata.layers[layer]
     groups = pd.DataFrame(

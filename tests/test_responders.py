@@ -1,0 +1,156 @@
+"""The responder variable: exact marginalisation, posterior probabilities, calls and fractions."""
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from _helpers import CONTROL, quick_train, setup
+from pyro import poutine
+from sklearn.metrics import roc_auc_score
+
+import pertpy_contrastive as pc
+from pertpy_contrastive._constants import CellGroup
+
+
+def test_probabilities_are_probabilities_and_zero_for_controls(trained):
+    adata, model = trained
+    probability = adata.obs["contrastive_p_perturbed"].to_numpy()
+    assert np.isfinite(probability).all()
+    assert ((probability >= 0) & (probability <= 1)).all()
+    controls = (adata.obs["perturbation"] == CONTROL).to_numpy()
+    assert (probability[controls] == 0).all()
+    # Reproducible: the posterior draws are seeded.
+    np.testing.assert_array_equal(model.get_responder_probability(), probability)
+
+
+def test_escapers_low_responders_high(trained):
+    adata, _ = trained
+    obs = adata.obs
+    probability = obs["contrastive_p_perturbed"].to_numpy()
+    effect = ((obs["perturbation"] != CONTROL) & (obs["program"] != "none")).to_numpy()
+    responders = obs["responder"].to_numpy()
+    escapers = obs["escaped"].to_numpy()
+    assert roc_auc_score(responders[effect], probability[effect]) > 0.9
+    assert np.median(probability[responders]) > 0.8
+    assert np.median(probability[escapers & effect]) < 0.2
+
+
+def test_mixscape_vocabulary(trained):
+    adata, _ = trained
+    obs = adata.obs
+    probability = obs["contrastive_p_perturbed"].to_numpy()
+    labels = obs["perturbation"].astype(str).to_numpy()
+    global_class = obs["contrastive_class_global"].astype(str).to_numpy()
+    target_class = obs["contrastive_class"].astype(str).to_numpy()
+    controls = labels == CONTROL
+    assert set(global_class) == {"NT", "NP", "KO"}
+    assert (global_class[controls] == "NT").all() and (target_class[controls] == "NT").all()
+    knocked_out = ~controls & (probability > 0.5)
+    assert (global_class[knocked_out] == "KO").all()
+    assert (global_class[~controls & ~knocked_out] == "NP").all()
+    expected = np.char.add(np.char.add(labels[~controls], " "), global_class[~controls])
+    np.testing.assert_array_equal(target_class[~controls], expected)
+
+
+def test_responder_fractions_per_target_and_guide(trained):
+    adata, model = trained
+    fractions = adata.uns["contrastive_responder_fractions"]
+    targets = sorted(set(adata.obs["perturbation"].astype(str)) - {CONTROL})
+    assert list(fractions.index) == targets
+    assert (fractions["ci_low"] <= fractions["responder_fraction"]).all()
+    assert (fractions["responder_fraction"] <= fractions["ci_high"]).all()
+    assert fractions["n_cells"].sum() == (adata.obs["perturbation"] != CONTROL).sum()
+    # Effect targets respond far more often than null targets (which only lose one gene).
+    programs = adata.uns["simulation"]["target_program"]
+    effect = [t for t in targets if programs[t] != "none"]
+    null = [t for t in targets if programs[t] == "none"]
+    assert fractions.loc[effect, "responder_fraction"].min() > fractions.loc[null, "responder_fraction"].max()
+
+    by_guide = model.get_responder_fractions(by="guide")
+    for target in effect:
+        efficient, inefficient = by_guide.loc[f"{target}_g1"], by_guide.loc[f"{target}_g2"]
+        assert efficient["target"] == target
+        assert efficient["responder_fraction"] > inefficient["responder_fraction"]
+
+
+def test_pseudobulk_keeps_called_responders(trained):
+    adata, _ = trained
+    pseudobulk = pc.tl.responder_pseudobulk(adata, sample_key="batch", min_cells=1)
+    target = next(t for t, p in adata.uns["simulation"]["target_program"].items() if p == "P0")
+    called = (adata.obs["perturbation"] == target) & (adata.obs["contrastive_p_perturbed"] > 0.5)
+    kept = pseudobulk.obs.loc[pseudobulk.obs["perturbation"] == target, "n_cells"].sum()
+    assert kept == called.sum() > 0
+
+
+def test_unlabelled_cells_get_nan_and_no_class(screen):
+    labels = screen.obs["perturbation"].astype(object)
+    labels.iloc[:40] = None
+    screen.obs["perturbation"] = labels.astype("category")
+    setup(screen, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen, n_hidden=16))
+    model.write_outputs()
+    probability = screen.obs["contrastive_p_perturbed"].to_numpy()
+    assert np.isnan(probability[:40]).all()
+    assert np.isfinite(probability[40:]).all()
+    assert screen.obs["contrastive_class_global"].iloc[:40].isna().all()
+
+
+def test_plain_model_has_no_responder_outputs(screen):
+    setup(screen, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen, n_hidden=16, responder=False))
+    with pytest.raises(ValueError, match="responder=False"):
+        model.get_responder_probability()
+    model.write_outputs()
+    assert "contrastive_p_perturbed" not in screen.obs
+    assert "contrastive_responder_fractions" not in screen.uns
+
+
+def test_loss_sums_the_responder_exactly(screen):
+    """Against the mixture written out in probability space, in float64, on a tiny model."""
+    screen = screen[:, :6].copy()
+    screen = screen[np.asarray(screen.X.sum(1)).ravel() > 0].copy()
+    setup(screen)
+    model = pc.ContrastiveVAE(screen, n_hidden=8, n_salient=2, n_background=2, likelihood="nb")
+    module = model.module.double().eval()
+    with torch.no_grad():
+        module.responder_logits.copy_(torch.tensor([-1.0, 0.5, 0.0, 1.0, 2.0, -0.3]))
+        module.target_salient_loc.normal_()
+    tensors = next(iter(model._make_data_loader(adata=screen, batch_size=64)))
+    tensors = {key: value.double() for key, value in tensors.items()}
+    args, kwargs = module._get_fn_args_from_batch(tensors)
+    x, group, batch_index, cat_covs, cont_covs, target = args
+
+    pyro.set_rng_seed(0)
+    guide_trace = poutine.trace(module.guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(
+        *args, **kwargs
+    )
+    elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+
+    z = guide_trace.nodes["background"]["value"]
+    s = guide_trace.nodes["salient"]["value"]
+    log_library = x.sum(-1, keepdim=True).log()
+    covariates = (batch_index,)
+    theta = module.log_dispersion.exp()
+
+    def likelihood(salient):  # p(x | z, salient), product over genes, in probability space
+        rate, _ = module._decode(z, salient, cont_covs, log_library, covariates)
+        return pc._likelihoods.NegativeBinomial(rate, theta).log_prob(x).sum(-1).exp()
+
+    def normal_density(value, loc, scale):
+        return torch.distributions.Normal(loc, scale).log_prob(value).sum(-1).exp()
+
+    is_target = group == CellGroup.TARGET
+    pi = torch.sigmoid(module.responder_logits[target.clamp(min=0)])
+    loc = module.target_salient_loc[target.clamp(min=0)]
+    standard = normal_density(s, 0.0, 1.0)
+    escaped = (1 - pi) * standard * likelihood(torch.zeros_like(s))
+    responded = pi * normal_density(s, loc, module.responder_salient_scale) * likelihood(s)
+    joint = torch.where(is_target, escaped + responded, standard * likelihood(torch.zeros_like(s)))
+    expected = (
+        joint.log().sum()
+        + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum()
+        - guide_trace.log_prob_sum()
+    )
+    assert is_target.any() and (~is_target).any()
+    torch.testing.assert_close(elbo, expected, rtol=1e-9, atol=1e-6)
