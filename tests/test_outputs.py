@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pertpy as pt
 import pytest
-from _helpers import CONTROL, setup
+from _helpers import CONTROL
 
 import pertpy_contrastive as pc
 

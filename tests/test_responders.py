@@ -64,7 +64,10 @@ def test_responder_fractions_per_target_and_guide(trained):
     programs = adata.uns["simulation"]["target_program"]
     effect = [t for t in targets if programs[t] != "none"]
     null = [t for t in targets if programs[t] == "none"]
-    assert fractions.loc[effect, "responder_fraction"].min() > fractions.loc[null, "responder_fraction"].max()
+    assert (
+        fractions.loc[effect, "responder_fraction"].min()
+        > fractions.loc[null, "responder_fraction"].max()
+    )
 
     by_guide = model.get_responder_fractions(by="guide")
     for target in effect:
@@ -118,7 +121,7 @@ def test_loss_sums_the_responder_exactly(screen):
     tensors = next(iter(model._make_data_loader(adata=screen, batch_size=64)))
     tensors = {key: value.double() for key, value in tensors.items()}
     args, kwargs = module._get_fn_args_from_batch(tensors)
-    x, group, batch_index, cat_covs, cont_covs, target = args
+    x, group, batch_index, _cat_covs, cont_covs, target = args
 
     pyro.set_rng_seed(0)
     guide_trace = poutine.trace(module.guide).get_trace(*args, **kwargs)

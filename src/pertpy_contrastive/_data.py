@@ -354,7 +354,10 @@ class PerturbationTargetField(BaseAnnDataField):
         self.validate_field(adata)
         labels = adata.obs[self.perturbation_key]
         groups = assign_groups(
-            labels, self.control_labels, self.excluded_labels, self.perturbation_key,
+            labels,
+            self.control_labels,
+            self.excluded_labels,
+            self.perturbation_key,
             require_contrast=False,
         )
         targets = sorted(set(labels.astype(str).to_numpy()[groups == CellGroup.TARGET]))

@@ -243,7 +243,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             if not self.responder:
                 # Every target cell responds; controls carry no perturbation (s' = 0).
                 used_salient = s * is_target.unsqueeze(-1)
-                rate, gate_logits = self._decode(z, used_salient, cont_covs, log_library, covariates)
+                rate, gate_logits = self._decode(
+                    z, used_salient, cont_covs, log_library, covariates
+                )
                 counts = count_distribution(
                     self.likelihood, rate, self.log_dispersion.exp(), gate_logits
                 )
@@ -253,7 +255,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 x, z, s, log_library, covariates, cont_covs, is_target, target, salient_scale
             )
             if all_respond:
-                target_log_likelihood = responded - F.logsigmoid(self.responder_logits[target[is_target]])
+                target_log_likelihood = responded - F.logsigmoid(
+                    self.responder_logits[target[is_target]]
+                )
             else:
                 target_log_likelihood = torch.logaddexp(escaped, responded)
             # log p(x | z, s) with y summed out: log(pi p1 + (1 - pi) p0) for target cells,

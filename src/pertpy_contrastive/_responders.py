@@ -177,12 +177,16 @@ class ResponderMixin:
             responded=("p", "sum"),
             n_called=("p", lambda p: int((p > threshold).sum())),
         )
-        posterior = stats.beta(1 + summary["responded"], 1 + summary["n_cells"] - summary["responded"])
+        posterior = stats.beta(
+            1 + summary["responded"], 1 + summary["n_cells"] - summary["responded"]
+        )
         summary["responder_fraction"] = posterior.mean()
         summary["ci_low"], summary["ci_high"] = posterior.interval(level)
         target_labels = self.adata_manager.get_state_registry(TARGET_KEY)["target_labels"]
         prior = torch.sigmoid(self.module.responder_logits.detach()).cpu().numpy()
-        summary["prior_fraction"] = summary["target"].map(dict(zip(target_labels, prior, strict=True)))
+        summary["prior_fraction"] = summary["target"].map(
+            dict(zip(target_labels, prior, strict=True))
+        )
         summary.index.name = by
         columns = ["target", "n_cells", "responder_fraction", "ci_low", "ci_high", "n_called"]
         return summary[[*columns, "prior_fraction"]]

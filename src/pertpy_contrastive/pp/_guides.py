@@ -190,7 +190,9 @@ def perturbation_labels(
     series = pd.Series(pd.Categorical(labels), index=destination.obs_names, name=key_added)
     destination.obs[key_added] = series
     if guide_key_added is not None:
-        guides_of_labelled = [g if label is not None else None for g, label in zip(cell_guides, labels, strict=True)]
+        guides_of_labelled = [
+            g if label is not None else None for g, label in zip(cell_guides, labels, strict=True)
+        ]
         destination.obs[guide_key_added] = pd.Categorical(guides_of_labelled)
     logger.info(
         "Perturbation labels in obs[%r]: %s.",
