@@ -121,7 +121,7 @@ def test_loss_sums_the_responder_exactly(screen):
     tensors = next(iter(model._make_data_loader(adata=screen, batch_size=64)))
     tensors = {key: value.double() for key, value in tensors.items()}
     args, kwargs = module._get_fn_args_from_batch(tensors)
-    x, group, batch_index, _cat_covs, cont_covs, target = args
+    x, group, batch_index, cat_covs, cont_covs, target = args
 
     pyro.set_rng_seed(0)
     guide_trace = poutine.trace(module.guide).get_trace(*args, **kwargs)
@@ -147,7 +147,9 @@ def test_loss_sums_the_responder_exactly(screen):
     pi = torch.sigmoid(module.responder_logits[target.clamp(min=0)])
     loc = module.target_salient_loc[target.clamp(min=0)]
     standard = normal_density(s, 0.0, 1.0)
-    escaped = (1 - pi) * standard * likelihood(torch.zeros_like(s))
+    salient_loc, salient_scale = module.encode(x, group, batch_index, cat_covs, cont_covs)["salient"]
+    guide_density = normal_density(s, salient_loc, salient_scale)
+    escaped = (1 - pi) * guide_density * likelihood(torch.zeros_like(s))
     responded = pi * normal_density(s, loc, module.responder_salient_scale) * likelihood(s)
     joint = torch.where(is_target, escaped + responded, standard * likelihood(torch.zeros_like(s)))
     expected = (

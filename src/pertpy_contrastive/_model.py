@@ -95,6 +95,8 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
         Model whether each perturbed cell responded (default). ``False`` gives the plain
         contrastive VAE, in which every perturbed cell uses its salient latent and
         :meth:`get_responder_probability` is not available.
+    responder_salient_scale
+        Standard deviation of a responder's salient latent around its target's centre mu_t.
     seed
         Seed of the initial network weights (training has its own seed, see :meth:`train`).
     modality
@@ -127,6 +129,8 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
         background_mmd_weight: float = 10.0,
         salient_encoder_sees_group: bool = False,
         responder: bool = True,
+        responder_salient_scale: float = 0.25,
+        salient_effect: str = "nonlinear",
         seed: int = 0,
         modality: str = "rna",
     ):
@@ -158,6 +162,8 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
                 background_mmd_weight=background_mmd_weight,
                 salient_encoder_sees_group=salient_encoder_sees_group,
                 responder=responder,
+                responder_salient_scale=responder_salient_scale,
+                salient_effect=salient_effect,
             )
         self._model_summary_string = (
             f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "

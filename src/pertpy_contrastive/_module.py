@@ -5,28 +5,37 @@ cell with a targeting guide, its target t_n:
 
     z_n ~ Normal(0, I)                                  background latent, every cell
     y_n ~ Bernoulli(pi_t)                               responder: did the knockout take? (targets)
-    s_n ~ Normal(y_n * mu_t, I)                         salient latent, every cell ...
+    s_n ~ Normal(mu_t, sigma^2 I) if y_n = 1, else N(0, I)  salient latent, every cell ...
     s'_n = s_n if y_n = 1, else 0                       ... used by responders only
     l_n = total counts of n (observed), or l_n ~ LogNormal(mu_batch, sigma_batch)
     rho_n = softmax(f(z_n, s'_n, c_n))                  decoder: per-gene proportions
     x_ng ~ ZINB / NB / Poisson(mean = l_n * rho_ng, gene-wise dispersion theta_g)
 
 Controls have y_n = 0. pi_t (the target's responder fraction) and mu_t (the centre of its
-responders' salient latents, shrunk towards 0 by a Normal(0, I) prior) are point estimates. y_n
-is summed out exactly, a log-sum-exp over the two branches, never sampled. With
-``responder=False`` every target cell is a responder (y_n = 1, mu_t = 0): the plain contrastive
-VAE.
+responders' salient latents, shrunk towards 0 by a Normal(0, I) prior) are point estimates;
+sigma is ``responder_salient_scale``, small so that a responder's s stays near its target's
+centre and cannot fit the cell's noise (the training plan anneals it from 1). y_n
+is summed out exactly, a log-sum-exp over the two branches, never sampled (Pyro's
+TraceEnum_ELBO would do the sum, but it accepts only scalar poutine.scale, and every cell here
+carries its own minibatch weight). With ``responder=False`` every target cell is a responder
+(y_n = 1, prior N(0, I)): the plain contrastive VAE. With ``salient_effect="additive"`` the
+decoder reads z only, and s shifts the log proportions linearly: rho = softmax(f(z, c) + W s'),
+with a sparse Laplace prior on the loadings W.
 
 Guide: q(z_n | x_n, c_n) q(s_n | x_n, c_n) [q(l_n | x_n, c_n)], encoders on log-normalised
 counts. The encoders do not see the perturbation label (unless ``salient_encoder_sees_group``),
 so a cell's salient latent reflects its expression, not its guide. The label enters only the
-responder branch, as the index of pi_t and mu_t. A control or a non-responder is decoded without
-s, so the ELBO pulls its q(s | x) to the prior, centred on 0, and its s cannot fit noise; an
-opt-in Wasserstein penalty pulls controls' q(s | x) further, to the point mass at 0. A per-step
-MMD between controls' and perturbed cells' background latents keeps perturbation effects out of z.
+responder branch, as the index of pi_t and mu_t. q(s | x) is the posterior of the responder
+branch; a non-responder's s is never decoded, so its posterior is its prior and the escaper
+branch carries no salient term (see ``_branch_log_likelihoods``). A control is decoded without
+s, so the ELBO pulls its q(s | x) to the prior, centred on 0; an opt-in Wasserstein penalty pulls
+it further, to the point mass at 0. A per-step MMD between controls' and perturbed cells'
+background latents keeps perturbation effects out of z.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import pyro
 import pyro.distributions as dist
@@ -42,6 +51,10 @@ from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, TARGET_KEY, CellGroup
 from ._likelihoods import LIKELIHOODS, Likelihood, count_distribution
 
 _NORMALISED_LIBRARY = 1e4
+_LOADING_PRIOR_SCALE = 0.1  # Laplace scale of the additive salient loadings (log fold changes)
+_TINY = 1e-30
+SALIENT_EFFECTS = ("nonlinear", "additive")
+SalientEffect = Literal["nonlinear", "additive"]
 _MMD_KERNEL_WIDTHS = (0.25, 1.0, 4.0)  # squared widths per latent dimension
 
 
@@ -110,8 +123,13 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         salient_encoder_sees_group: bool = False,
         responder: bool = True,
         responder_salient_scale: float = 0.25,
+        salient_effect: SalientEffect = "nonlinear",
     ):
         super().__init__()
+        if salient_effect not in SALIENT_EFFECTS:
+            raise ValueError(
+                f"salient_effect must be one of {SALIENT_EFFECTS}, got {salient_effect!r}."
+            )
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
         self.n_background = n_background
@@ -123,6 +141,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         self.salient_encoder_sees_group = salient_encoder_sees_group
         self.responder = responder
         self.responder_salient_scale = responder_salient_scale
+        self.salient_effect = salient_effect
 
         covariate_sizes = [n_batch, *n_cats_per_cov]
         network = {
@@ -155,14 +174,19 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             self.library_encoder = Encoder(
                 n_encoder_input, 1, n_cat_list=covariate_sizes, dropout_rate=dropout_rate, **network
             )
+        additive = salient_effect == "additive"
         self.decoder = DecoderSCVI(
-            n_background + n_salient + n_continuous_cov,
+            n_background + (0 if additive else n_salient) + n_continuous_cov,
             n_genes,
             n_cat_list=covariate_sizes,
             **network,
         )
         # Gene-wise inverse dispersion theta_g, a point estimate kept in the state dict.
         self.log_dispersion = nn.Parameter(torch.zeros(n_genes))
+        if additive:
+            # log rho = f(z, c) + W s: each salient direction is a fixed log fold change per gene,
+            # with a sparse Laplace prior (see model).
+            self.salient_loadings = nn.Parameter(0.01 * torch.randn(n_salient, n_genes))
         if responder:
             # logit(pi_t) starts at 0 (half the cells respond) and mu_t at the prior's centre.
             self.responder_logits = nn.Parameter(torch.zeros(n_targets))
@@ -219,6 +243,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         n_cells = x.shape[0]
         is_target = group == CellGroup.TARGET
         covariates = _categorical_covariates(batch_index, cat_covs)
+        if self.salient_effect == "additive" and n_obs:
+            prior = dist.Laplace(0.0, _LOADING_PRIOR_SCALE).log_prob(self.salient_loadings).sum()
+            pyro.factor("salient_loadings_prior", prior / n_obs)
         if self.responder and n_obs:
             # mu_t is global: its prior enters the per-cell mean ELBO once, divided by the
             # number of training cells, like any global term of a minibatch estimate.
@@ -252,7 +279,17 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 pyro.sample("counts", counts.to_event(1), obs=x)
                 return
             unperturbed, escaped, responded = self._branch_log_likelihoods(
-                x, z, s, log_library, covariates, cont_covs, is_target, target, salient_scale
+                x,
+                z,
+                s,
+                log_library,
+                covariates,
+                cont_covs,
+                is_target,
+                target,
+                self._salient_posterior(x, group, batch_index, cat_covs, cont_covs),
+                salient_scale,
+                kl_weight,
             )
             if all_respond:
                 target_log_likelihood = responded - F.logsigmoid(
@@ -267,15 +304,48 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             )
             pyro.factor("counts", marginal)
 
+    def _salient_posterior(self, x, group, batch_index, cat_covs, cont_covs):
+        """``(loc, scale)`` of q(s | x): the guide's of this step if it ran, else encoded anew.
+
+        The escaper branch of the model needs the density of the guide's s (see
+        ``_branch_log_likelihoods``). Re-encoding inside the model would draw new dropout masks,
+        so within a step the model reuses what the guide computed.
+        """
+        posterior = self.__dict__.pop("_guide_salient_posterior", None)
+        if posterior is None or posterior[0].shape[0] != x.shape[0]:
+            posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)["salient"]
+        return posterior
+
     def _branch_log_likelihoods(
-        self, x, z, s, log_library, covariates, cont_covs, cells, target, salient_scale=None
+        self,
+        x,
+        z,
+        s,
+        log_library,
+        covariates,
+        cont_covs,
+        cells,
+        target,
+        salient_posterior,
+        salient_scale=None,
+        kl_weight=1.0,
     ):
         """Log-likelihoods of every cell without s, and the two responder branches of ``cells``.
 
         Returns ``log p(x | z, s' = 0)`` for every cell, and for the selected cells
-        ``log(1 - pi_t) + log p(x | z, 0)`` and
-        ``log pi_t + log N(s; mu_t, I) - log N(s; 0, I) + log p(x | z, s)``. The density ratio
-        turns the N(0, I) prior of the salient sample site into the responder's N(mu_t, I).
+        ``log(1 - pi_t) + log q(s | x) - log N(s; 0, I) + log p(x | z, 0)`` and
+        ``log pi_t + log N(s; mu_t, sigma^2 I) - log N(s; 0, I) + log p(x | z, s)``.
+
+        The sample site of s contributes ``log N(s; 0, I) - log q(s | x)`` outside the sum over
+        y, so in total the responder branch is the single-sample ELBO of y = 1 with the prior
+        N(mu_t, sigma^2 I), and the escaper branch is ``log(1 - pi_t) p(x | z, 0)`` exactly: the
+        guide's s belongs to the responder branch only (a non-responder's s is never decoded,
+        so its posterior is its prior). Without the q term the escaper branch would pay
+        KL(q(s | x) || N(0, I)) for an s it does not use, and the model could win evidence for
+        "responded" by concentrating every target cell's q(s | x) on one point. The density
+        terms carry the KL warm-up weight of the sample sites they complete; unweighted, the
+        ratio N(s; mu_t, I) / N(s; 0, I) = exp(s . mu_t - |mu_t|^2 / 2) would reward s and mu_t
+        for growing together while the warm-up weight is small.
         """
         n_cells = x.shape[0]
         # One decoder pass over every cell at s = 0 and the selected cells at their own s, so
@@ -295,11 +365,12 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         loc = self.target_salient_loc[target[cells]]
         scale = self.responder_salient_scale if salient_scale is None else salient_scale
         responder_prior = dist.Normal(loc, scale).to_event(1)
-        log_prior_ratio = responder_prior.log_prob(s[cells]) - _standard_normal(
-            s, int(cells.sum()), self.n_salient
-        ).log_prob(s[cells])
-        escaped = F.logsigmoid(-logit) + unperturbed[cells]
-        responded = F.logsigmoid(logit) + log_prior_ratio + perturbed
+        standard = _standard_normal(s, int(cells.sum()), self.n_salient)
+        log_prior_ratio = responder_prior.log_prob(s[cells]) - standard.log_prob(s[cells])
+        guide_salient = dist.Normal(*(v[cells] for v in salient_posterior)).to_event(1)
+        unused_salient = guide_salient.log_prob(s[cells]) - standard.log_prob(s[cells])
+        escaped = F.logsigmoid(-logit) + kl_weight * unused_salient + unperturbed[cells]
+        responded = F.logsigmoid(logit) + kl_weight * log_prior_ratio + perturbed
         return unperturbed, escaped, responded
 
     def responder_log_odds(
@@ -327,7 +398,15 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             z = dist.Normal(*posterior["background"]).sample()
             s = dist.Normal(*posterior["salient"]).sample()
             _, escaped, responded = self._branch_log_likelihoods(
-                x, z, s, log_library, covariates, cont_covs, has_target, target
+                x,
+                z,
+                s,
+                log_library,
+                covariates,
+                cont_covs,
+                has_target,
+                target,
+                posterior["salient"],
             )
             log_odds[sample, has_target] = responded - escaped
         return log_odds
@@ -339,9 +418,16 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         return rate
 
     def _decode(self, z, s, cont_covs, log_library, covariates):
-        decoder_input = torch.cat([z, s, cont_covs], dim=-1)
-        _, _, rate, gate_logits = self.decoder("gene", decoder_input, log_library, *covariates)
-        return rate, gate_logits
+        if self.salient_effect == "nonlinear":
+            decoder_input = torch.cat([z, s, cont_covs], dim=-1)
+            _, _, rate, gate_logits = self.decoder("gene", decoder_input, log_library, *covariates)
+            return rate, gate_logits
+        decoder_input = torch.cat([z, cont_covs], dim=-1)
+        background, _, _, gate_logits = self.decoder(
+            "gene", decoder_input, log_library, *covariates
+        )
+        logits = background.clamp(min=_TINY).log() + s @ self.salient_loadings
+        return torch.softmax(logits, dim=-1) * log_library.exp(), gate_logits
 
     # -- guide --------------------------------------------------------------------------------
 
@@ -363,6 +449,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         """Sample the amortised mean-field guide q(z | x) q(s | x) [q(l | x)]."""
         n_cells = x.shape[0]
         posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)
+        self._guide_salient_posterior = posterior["salient"]
         with pyro.plate("cells", n_cells), poutine.scale(scale=_scale(cell_weight)):
             with poutine.scale(scale=kl_weight):
                 pyro.sample("background", dist.Normal(*posterior["background"]).to_event(1))
