@@ -78,6 +78,19 @@ def test_save_load_round_trip_is_exact(screen, tmp_path):
                 model.get_latent_representation(kind=kind),
             )
         torch.testing.assert_close(loaded.module.log_dispersion, model.module.log_dispersion)
+        np.testing.assert_array_equal(
+            loaded.get_responder_probability(), model.get_responder_probability()
+        )
+
+
+def test_model_saved_before_the_responder_model_is_refused_clearly(screen, tmp_path):
+    setup(screen)
+    quick_train(pc.ContrastiveVAE(screen), max_epochs=1).save(tmp_path / "model")
+    saved = torch.load(tmp_path / "model" / "model.pt", weights_only=False)
+    del saved["attr_dict"]["registry_"]["field_registries"]["contrastive_target"]
+    torch.save(saved, tmp_path / "model" / "model.pt")
+    with pytest.raises(ValueError, match="saved by pertpy-contrastive 0.1.*Retrain"):
+        pc.ContrastiveVAE.load(tmp_path / "model", adata=screen)
 
 
 @pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
