@@ -161,7 +161,9 @@ def main():
         }
         norms = []
         for seed in args.model_seeds:
-            model, _ = fit_contrastive_vae(adata, seed, args.epochs, *vae_kwargs(args))
+            model_kwargs, train_kwargs = vae_kwargs(args)
+            model_kwargs["responder"] = True
+            model, _ = fit_contrastive_vae(adata, seed, args.epochs, model_kwargs, train_kwargs)
             probability = model.get_responder_probability()
             aurocs = responder_aurocs(adata.obs, probability)
             rows["ours_all"].append(aurocs["all targeting"])
@@ -223,8 +225,8 @@ def main():
         f"Simulated screens of {args.cells} cells × {args.genes} genes (screen seed {args.seed}):\n\n"
         + "\n".join(headers)
         + f"\n\nVAEs: {args.epochs} epochs, no early stopping, n_salient={args.n_salient}, "
-        f"n_background={args.n_background}, other settings at their defaults; model seeds "
-        f"{args.model_seeds} (mean ± sd). Mixscape: pertpy's `perturbation_signature` (20 "
+        f"n_background={args.n_background}, responder=True, other settings at their defaults; "
+        f"model seeds {args.model_seeds} (mean ± sd). Mixscape: pertpy's `perturbation_signature` (20 "
         "neighbours, within batch) and `mixscape` (deterministic, one run). "
         f"{torch.get_num_threads()} torch threads, CPU only."
     )

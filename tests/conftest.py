@@ -54,7 +54,7 @@ def trained():
     first_guide = rng.random(adata.n_obs) < np.where(is_escaper, 0.2, 0.8)
     adata.obs["guide"] = (labels + np.where(first_guide, "_g1", "_g2")).astype("category")
     setup(adata, batch_key="batch", guide_key="guide")
-    model = pc.ContrastiveVAE(adata, seed=0)
+    model = pc.ContrastiveVAE(adata, responder=True, seed=0)
     model.train(max_epochs=60, batch_size=64, early_stopping=False, enable_progress_bar=False)
     model.write_outputs()
     return adata, model

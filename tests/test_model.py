@@ -66,7 +66,7 @@ def test_same_seed_same_latents(screen):
 
 def test_save_load_round_trip_is_exact(screen, tmp_path):
     setup(screen, batch_key="batch", continuous_covariate_keys=["stress"])
-    model = quick_train(pc.ContrastiveVAE(screen, likelihood="nb"))
+    model = quick_train(pc.ContrastiveVAE(screen, likelihood="nb", responder=True))
     model.save(tmp_path / "model", save_anndata=True)
     for loaded in (
         pc.ContrastiveVAE.load(tmp_path / "model", adata=screen),

@@ -78,7 +78,9 @@ def test_responder_fractions_per_target_and_guide(trained):
 
 def test_pseudobulk_keeps_called_responders(trained):
     adata, _ = trained
-    pseudobulk = pc.tl.responder_pseudobulk(adata, sample_key="batch", min_cells=1)
+    pseudobulk = pc.tl.responder_pseudobulk(
+        adata, sample_key="batch", responders="posterior", min_cells=1
+    )
     target = next(t for t, p in adata.uns["simulation"]["target_program"].items() if p == "P0")
     called = (adata.obs["perturbation"] == target) & (adata.obs["contrastive_p_perturbed"] > 0.5)
     kept = pseudobulk.obs.loc[pseudobulk.obs["perturbation"] == target, "n_cells"].sum()
@@ -90,7 +92,7 @@ def test_unlabelled_cells_get_nan_and_no_class(screen):
     labels.iloc[:40] = None
     screen.obs["perturbation"] = labels.astype("category")
     setup(screen, batch_key="batch")
-    model = quick_train(pc.ContrastiveVAE(screen, n_hidden=16))
+    model = quick_train(pc.ContrastiveVAE(screen, n_hidden=16, responder=True))
     model.write_outputs()
     probability = screen.obs["contrastive_p_perturbed"].to_numpy()
     assert np.isnan(probability[:40]).all()
@@ -113,7 +115,9 @@ def test_loss_sums_the_responder_exactly(screen):
     screen = screen[:, :6].copy()
     screen = screen[np.asarray(screen.X.sum(1)).ravel() > 0].copy()
     setup(screen)
-    model = pc.ContrastiveVAE(screen, n_hidden=8, n_salient=2, n_background=2, likelihood="nb")
+    model = pc.ContrastiveVAE(
+        screen, n_hidden=8, n_salient=2, n_background=2, likelihood="nb", responder=True
+    )
     module = model.module.double().eval()
     with torch.no_grad():
         module.responder_logits.copy_(torch.tensor([-1.0, 0.5, 0.0, 1.0, 2.0, -0.3]))
@@ -147,7 +151,9 @@ def test_loss_sums_the_responder_exactly(screen):
     pi = torch.sigmoid(module.responder_logits[target.clamp(min=0)])
     loc = module.target_salient_loc[target.clamp(min=0)]
     standard = normal_density(s, 0.0, 1.0)
-    salient_loc, salient_scale = module.encode(x, group, batch_index, cat_covs, cont_covs)["salient"]
+    salient_loc, salient_scale = module.encode(x, group, batch_index, cat_covs, cont_covs)[
+        "salient"
+    ]
     guide_density = normal_density(s, salient_loc, salient_scale)
     escaped = (1 - pi) * guide_density * likelihood(torch.zeros_like(s))
     responded = pi * normal_density(s, loc, module.responder_salient_scale) * likelihood(s)

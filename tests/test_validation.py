@@ -204,7 +204,7 @@ def test_setup_writes_only_documented_keys(screen):
         continuous_covariate_keys=["percent_mito"],
     )
     new_obs = set(screen.obs.columns) - set(before["obs"].columns)
-    assert new_obs == {"_scvi_contrastive_group", "_scvi_batch"}
+    assert new_obs == {"_scvi_contrastive_group", "_scvi_contrastive_target", "_scvi_batch"}
     pd.testing.assert_frame_equal(screen.obs[before["obs"].columns], before["obs"])
     assert set(screen.obsm) - before["obsm"] == {
         "_scvi_extra_categorical_covs",

@@ -50,13 +50,13 @@ logger = logging.getLogger(__name__)
 class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
     """Contrastive VAE for CRISPR screens, written in Pyro.
 
-    Every cell has a background latent; only perturbed (target) cells that responded use the
-    salient latent, which the decoder holds at zero for control cells and for perturbed cells that
-    escaped. Background variation that controls share with perturbed cells (cell cycle,
-    subclones, stress, replicates) therefore stays out of the salient space. Whether a perturbed
-    cell responded is a latent variable of the model, summed out in training, with a responder
-    fraction per target; :meth:`get_responder_probability` gives its posterior. Covariates are
-    given to the encoders and the decoder.
+    Every cell has a background latent; only perturbed (target) cells use the salient latent,
+    which the decoder holds at zero for control cells. Background variation that controls share
+    with perturbed cells (cell cycle, subclones, stress, replicates) therefore stays out of the
+    salient space. With ``responder=True`` (experimental), whether a perturbed cell responded is
+    a latent variable of the model, summed out in training, with a responder fraction per
+    target; :meth:`get_responder_probability` gives its posterior. Covariates are given to the
+    encoders and the decoder.
 
     Parameters
     ----------
@@ -92,9 +92,10 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
         can sharpen the contrast, but the salient latent then depends on the guide label and can
         no longer show that a labelled cell looks unperturbed (an escaper) on its own.
     responder
-        Model whether each perturbed cell responded (default). ``False`` gives the plain
-        contrastive VAE, in which every perturbed cell uses its salient latent and
-        :meth:`get_responder_probability` is not available.
+        Experimental: model whether each perturbed cell responded, and give
+        :meth:`get_responder_probability`. Off by default: on the benchmark screens it does not
+        yet give reliable calls (docs/benchmark_responders.md). ``False`` is the plain
+        contrastive VAE, in which every perturbed cell uses its salient latent.
     responder_salient_scale
         Standard deviation of a responder's salient latent around its target's centre mu_t.
     seed
@@ -128,8 +129,8 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
         wasserstein_weight: float = 0.0,
         background_mmd_weight: float = 10.0,
         salient_encoder_sees_group: bool = False,
-        responder: bool = True,
-        responder_salient_scale: float = 0.25,
+        responder: bool = False,
+        responder_salient_scale: float | None = 0.25,
         salient_effect: str = "nonlinear",
         seed: int = 0,
         modality: str = "rna",
@@ -475,8 +476,8 @@ def _check_saved_version(attributes: dict, dir_path: str) -> None:
         raise ValueError(
             f"The model in {dir_path!r} was saved by pertpy-contrastive 0.1, before the responder "
             "model: it has no target registry and no responder parameters, so it cannot be "
-            "loaded by this version. Retrain it with this version (pass responder=False for the "
-            "0.1 model), or load it with `pip install 'pertpy-contrastive<0.2'`."
+            "loaded by this version. Retrain it with this version (its default, "
+            "responder=False, is the 0.1 model), or load it with `pip install 'pertpy-contrastive<0.2'`."
         )
 
 

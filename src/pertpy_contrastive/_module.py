@@ -121,8 +121,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         wasserstein_weight: float = 0.0,
         background_mmd_weight: float = 10.0,
         salient_encoder_sees_group: bool = False,
-        responder: bool = True,
-        responder_salient_scale: float = 0.25,
+        responder: bool = False,
+        responder_salient_scale: float | None = 0.25,
         salient_effect: SalientEffect = "nonlinear",
     ):
         super().__init__()
@@ -191,6 +191,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             # logit(pi_t) starts at 0 (half the cells respond) and mu_t at the prior's centre.
             self.responder_logits = nn.Parameter(torch.zeros(n_targets))
             self.target_salient_loc = nn.Parameter(torch.zeros(n_targets, n_salient))
+            if responder_salient_scale is None:
+                self.target_salient_log_scale = nn.Parameter(torch.zeros(n_targets))
 
     @property
     def device(self) -> torch.device:
@@ -363,7 +365,10 @@ class ContrastivePyroModule(PyroBaseModuleClass):
 
         logit = self.responder_logits[target[cells]]
         loc = self.target_salient_loc[target[cells]]
-        scale = self.responder_salient_scale if salient_scale is None else salient_scale
+        if self.responder_salient_scale is None:
+            scale = self.target_salient_log_scale[target[cells]].exp().unsqueeze(-1)
+        else:
+            scale = self.responder_salient_scale if salient_scale is None else salient_scale
         responder_prior = dist.Normal(loc, scale).to_event(1)
         standard = _standard_normal(s, int(cells.sum()), self.n_salient)
         log_prior_ratio = responder_prior.log_prob(s[cells]) - standard.log_prob(s[cells])

@@ -30,7 +30,7 @@ class ResponderMixin:
         if not self.module.responder:
             raise ValueError(
                 "This model was built with responder=False, so it has no responder variable. "
-                "Build it with ContrastiveVAE(adata, responder=True) (the default) and train it."
+                "Build it with ContrastiveVAE(adata, responder=True) and train it."
             )
 
     @torch.inference_mode()

@@ -94,9 +94,11 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
         fused = self.device.type in ("cpu", "cuda")
         return self.optim(self.module.parameters(), **self.optim_kwargs, fused=fused)
 
-    def _salient_scale(self) -> float:
+    def _salient_scale(self) -> float | None:
         """Responders' salient prior scale: 1 while all respond, then annealed to the module's."""
         final = self.module.responder_salient_scale
+        if final is None:
+            return None
         progress = (self.current_epoch - self.n_epochs_responder_warmup) / max(
             1, self.n_epochs_responder_warmup
         )

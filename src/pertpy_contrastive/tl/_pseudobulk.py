@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -14,18 +16,23 @@ def responder_pseudobulk(
     perturbation_key: str = "perturbation",
     control: str = "non-targeting",
     sample_key: str = "replicate",
+    responders: Literal["salient_norm", "posterior"] = "salient_norm",
+    salient_key: str = "X_contrastive_salient",
+    quantile: float = 0.95,
     probability_key: str = "contrastive_p_perturbed",
-    layer: str | None = None,
     threshold: float = 0.5,
+    layer: str | None = None,
     min_cells: int = 10,
 ) -> AnnData:
     """Sum the raw counts of the cells the model finds perturbed, per perturbation and sample.
 
-    A perturbed cell counts as a responder when the model's posterior probability that it
-    responded (``obs[probability_key]``, from
-    :meth:`~pertpy_contrastive.ContrastiveVAE.write_outputs`) exceeds ``threshold``, so escapers
-    do not dilute the pseudobulk. Control cells are all kept. Counts are summed per
-    (perturbation, sample); groups with fewer than ``min_cells`` cells are dropped.
+    Escapers would dilute the pseudobulk, so only the perturbed cells the model finds perturbed
+    are kept: with ``responders="salient_norm"`` (default), those whose salient latent norm
+    exceeds the ``quantile`` of the control cells' norms (a heuristic); with
+    ``responders="posterior"``, those whose posterior probability of having responded
+    (``obs[probability_key]``, written by a model built with ``responder=True``) exceeds
+    ``threshold``. Control cells are all kept. Counts are summed per (perturbation, sample);
+    groups with fewer than ``min_cells`` cells are dropped.
 
     What the p-values mean: with ``pt.tl.PyDESeq2`` on this output (e.g.
     ``compare_groups(pb, column=perturbation_key, baseline=control, groups_to_compare=[...],
@@ -38,16 +45,23 @@ def responder_pseudobulk(
     Parameters
     ----------
     adata
-        AnnData with raw counts, perturbation labels, samples, and the responder probability
-        (from :meth:`~pertpy_contrastive.ContrastiveVAE.write_outputs`).
+        AnnData with raw counts, perturbation labels, samples, and the model's outputs (from
+        :meth:`~pertpy_contrastive.ContrastiveVAE.write_outputs`).
     perturbation_key, control, sample_key
         obs columns of the labels and samples, and the control label.
+    responders
+        How responders are selected: ``"salient_norm"`` or ``"posterior"``.
+    salient_key
+        obsm key of the salient latent (``"salient_norm"``).
+    quantile
+        Quantile of control norms above which a perturbed cell is a responder
+        (``"salient_norm"``).
     probability_key
-        obs column of the responder probability.
+        obs column of the responder probability (``"posterior"``).
+    threshold
+        Responder probability above which a perturbed cell is kept (``"posterior"``).
     layer
         Layer with raw counts; ``None`` uses ``X``.
-    threshold
-        Responder probability above which a perturbed cell is kept.
     min_cells
         Smallest number of cells in a pseudobulk sample.
 
@@ -59,17 +73,28 @@ def responder_pseudobulk(
     for key in (perturbation_key, sample_key):
         if key not in adata.obs:
             raise KeyError(f"obs[{key!r}] not found. Available columns: {list(adata.obs.columns)}.")
-    if probability_key not in adata.obs:
+    if responders not in ("salient_norm", "posterior"):
+        raise ValueError(f"responders must be 'salient_norm' or 'posterior', got {responders!r}.")
+    if responders == "salient_norm" and salient_key not in adata.obsm:
         raise KeyError(
-            f"obs[{probability_key!r}] not found. Run model.write_outputs(adata) first (with a "
-            "model built with responder=True, the default), or pass probability_key=<your key>."
+            f"obsm[{salient_key!r}] not found. Run model.write_outputs(adata) first, or pass "
+            "salient_key=<your key>."
+        )
+    if responders == "posterior" and probability_key not in adata.obs:
+        raise KeyError(
+            f"obs[{probability_key!r}] not found. Run model.write_outputs(adata) with a model "
+            "built with responder=True, or pass probability_key=<your key>."
         )
     labels = adata.obs[perturbation_key].astype("string")
     is_control = (labels == control).to_numpy(dtype=bool, na_value=False)
     if not is_control.any():
         raise ValueError(f"No cells labelled {control!r} in obs[{perturbation_key!r}].")
-    probability = adata.obs[probability_key].to_numpy(dtype=float)
-    keep = is_control | (labels.notna().to_numpy() & (np.nan_to_num(probability) > threshold))
+    if responders == "posterior":
+        responded = np.nan_to_num(adata.obs[probability_key].to_numpy(dtype=float)) > threshold
+    else:
+        norm = np.linalg.norm(adata.obsm[salient_key], axis=1)
+        responded = norm > np.quantile(norm[is_control], quantile)
+    keep = is_control | (labels.notna().to_numpy() & responded)
 
     counts = adata.X if layer is None else adata.layers[layer]
     groups = pd.DataFrame(
