@@ -20,7 +20,7 @@ TraceEnum_ELBO would do the sum, but it accepts only scalar poutine.scale, and e
 carries its own minibatch weight). With ``responder=False`` every target cell is a responder
 (y_n = 1, prior N(0, I)): the plain contrastive VAE. With ``salient_effect="additive"`` the
 decoder reads z only, and s shifts the log proportions linearly: rho = softmax(f(z, c) + W s'),
-with a sparse Laplace prior on the loadings W.
+with unit-norm rows of W.
 
 Guide: q(z_n | x_n, c_n) q(s_n | x_n, c_n) [q(l_n | x_n, c_n)], encoders on log-normalised
 counts. The encoders do not see the perturbation label (unless ``salient_encoder_sees_group``),
@@ -51,7 +51,6 @@ from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, TARGET_KEY, CellGroup
 from ._likelihoods import LIKELIHOODS, Likelihood, count_distribution
 
 _NORMALISED_LIBRARY = 1e4
-_LOADING_PRIOR_SCALE = 0.1  # Laplace scale of the additive salient loadings (log fold changes)
 _TINY = 1e-30
 SALIENT_EFFECTS = ("nonlinear", "additive")
 SalientEffect = Literal["nonlinear", "additive"]
@@ -184,8 +183,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         # Gene-wise inverse dispersion theta_g, a point estimate kept in the state dict.
         self.log_dispersion = nn.Parameter(torch.zeros(n_genes))
         if additive:
-            # log rho = f(z, c) + W s: each salient direction is a fixed log fold change per gene,
-            # with a sparse Laplace prior (see model).
+            # log rho = f(z, c) + W s: each salient direction is a fixed direction of log fold
+            # changes over the genes (unit norm, see _decode).
             self.salient_loadings = nn.Parameter(0.01 * torch.randn(n_salient, n_genes))
         if responder:
             # logit(pi_t) starts at 0 (half the cells respond) and mu_t at the prior's centre.
@@ -245,9 +244,6 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         n_cells = x.shape[0]
         is_target = group == CellGroup.TARGET
         covariates = _categorical_covariates(batch_index, cat_covs)
-        if self.salient_effect == "additive" and n_obs:
-            prior = dist.Laplace(0.0, _LOADING_PRIOR_SCALE).log_prob(self.salient_loadings).sum()
-            pyro.factor("salient_loadings_prior", prior / n_obs)
         if self.responder and n_obs:
             # mu_t is global: its prior enters the per-cell mean ELBO once, divided by the
             # number of training cells, like any global term of a minibatch estimate.
@@ -431,7 +427,11 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         background, _, _, gate_logits = self.decoder(
             "gene", decoder_input, log_library, *covariates
         )
-        logits = background.clamp(min=_TINY).log() + s @ self.salient_loadings
+        # Unit-norm directions: s then carries the size of the effect (in log fold change), so
+        # the responder prior's scale is on the same scale as the effects and cannot be
+        # undercut by rescaling the loadings.
+        loadings = F.normalize(self.salient_loadings, dim=-1)
+        logits = background.clamp(min=_TINY).log() + s @ loadings
         return torch.softmax(logits, dim=-1) * log_library.exp(), gate_logits
 
     # -- guide --------------------------------------------------------------------------------
