@@ -47,7 +47,7 @@ def test_controls_salient_posterior_prior_or_point_mass(screen):
         norm = np.linalg.norm(model.get_latent_representation(kind="salient"), axis=1)
         control_norm[weight] = norm[is_control].mean()
         args = _minibatch(model, n_cells=screen.n_obs)
-        _, scale = model.module.eval().encode(*args)["salient"]
+        _, scale = model.module.eval().encode(*args[:5])["salient"]
         control_scale[weight] = scale[torch.from_numpy(is_control)].mean().item()
         assert control_norm[weight] < 0.7 * norm[responders].mean()
     assert control_scale[0.0] > 0.7
@@ -269,7 +269,7 @@ def test_background_mmd_enters_the_loss_once_per_step(screen):
     # In float64, so that the difference of two losses in the thousands keeps its precision.
     module = model.module.eval().double()
     args = [arg.double() if arg.is_floating_point() else arg for arg in _minibatch(model, 64)]
-    background_loc = module.encode(*args)["background"][0]
+    background_loc = module.encode(*args[:5])["background"][0]
     mmd = _module._group_mmd(background_loc, args[1])
     losses = {}
     for weight in (0.0, 7.0):

@@ -165,3 +165,34 @@ def test_loss_sums_the_responder_exactly(screen):
     )
     assert is_target.any() and (~is_target).any()
     torch.testing.assert_close(elbo, expected, rtol=1e-9, atol=1e-6)
+
+
+def test_additive_salient_effect_is_a_shift_along_unit_directions(screen):
+    setup(screen, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen, n_hidden=16, salient_effect="additive"))
+    effect = model.get_perturbation_effect()
+    salient = model.get_latent_representation(kind="salient")
+    directions = torch.nn.functional.normalize(model.module.salient_loadings.detach(), dim=-1)
+    expected = salient @ directions.numpy()
+    perturbed = model.cell_groups == CellGroup.TARGET
+    # log rho(z, s) - log rho(z, 0) = W s - (a constant per cell, from the softmax).
+    centred = effect - effect.mean(1, keepdims=True)
+    np.testing.assert_allclose(
+        centred[perturbed], (expected - expected.mean(1, keepdims=True))[perturbed], atol=1e-3
+    )
+    assert np.abs(centred[perturbed]).max() > 1e-3
+    with pytest.raises(ValueError, match="salient_effect must be one of"):
+        pc.ContrastiveVAE(screen, salient_effect="linear")
+
+
+def test_learned_responder_scale_trains_and_saves(screen, tmp_path):
+    setup(screen, batch_key="batch")
+    model = pc.ContrastiveVAE(screen, n_hidden=16, responder=True, responder_salient_scale=None)
+    quick_train(model)
+    assert model.module.target_salient_log_scale.shape == (model.summary_stats.n_targets,)
+    probability = model.get_responder_probability()
+    perturbed = model.cell_groups == CellGroup.TARGET
+    assert ((probability[perturbed] >= 0) & (probability[perturbed] <= 1)).all()
+    model.save(tmp_path / "model")
+    loaded = pc.ContrastiveVAE.load(tmp_path / "model", adata=screen)
+    np.testing.assert_array_equal(loaded.get_responder_probability(), probability)

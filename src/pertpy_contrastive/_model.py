@@ -97,7 +97,12 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
         yet give reliable calls (docs/benchmark_responders.md). ``False`` is the plain
         contrastive VAE, in which every perturbed cell uses its salient latent.
     responder_salient_scale
-        Standard deviation of a responder's salient latent around its target's centre mu_t.
+        Standard deviation of a responder's salient latent around its target's centre mu_t;
+        ``None`` learns one per target.
+    salient_effect
+        Experimental: ``"additive"`` decodes the salient latent as a linear shift of the log
+        proportions along unit-norm gene directions, instead of through the non-linear decoder
+        (``"nonlinear"``, the default).
     seed
         Seed of the initial network weights (training has its own seed, see :meth:`train`).
     modality
@@ -131,7 +136,7 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
         salient_encoder_sees_group: bool = False,
         responder: bool = False,
         responder_salient_scale: float | None = 0.25,
-        salient_effect: str = "nonlinear",
+        salient_effect: Literal["nonlinear", "additive"] = "nonlinear",
         seed: int = 0,
         modality: str = "rna",
     ):
