@@ -31,8 +31,7 @@ def screen():
     )
 
 
-@pytest.fixture(scope="session")
-def trained():
+def _trained_screen(**model_kwargs):
     """A trained model with written outputs: 1500 cells, 200 genes, strong programs.
 
     Each cell also has one of two guides: ``<target>_g1`` for 80% of its target's responders
@@ -54,7 +53,19 @@ def trained():
     first_guide = rng.random(adata.n_obs) < np.where(is_escaper, 0.2, 0.8)
     adata.obs["guide"] = (labels + np.where(first_guide, "_g1", "_g2")).astype("category")
     setup(adata, batch_key="batch", guide_key="guide")
-    model = pc.ContrastiveVAE(adata, responder=True, seed=0)
+    model = pc.ContrastiveVAE(adata, seed=0, **model_kwargs)
     model.train(max_epochs=60, batch_size=64, early_stopping=False, enable_progress_bar=False)
     model.write_outputs()
     return adata, model
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """The default (plain) model, trained on the strong-program screen."""
+    return _trained_screen()
+
+
+@pytest.fixture(scope="session")
+def trained_responder():
+    """A model with the responder variable, trained on the strong-program screen."""
+    return _trained_screen(responder=True)

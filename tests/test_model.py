@@ -128,7 +128,7 @@ def test_covariates_reach_encoders_and_decoder(screen):
     )
     model = quick_train(pc.ContrastiveVAE(screen), max_epochs=1)
     module = model.module.eval()
-    x, group, batch_index, cat_covs, cont_covs = _minibatch(model)
+    x, group, batch_index, cat_covs, cont_covs, _ = _minibatch(model)
     with torch.no_grad():
         reference = module.encode(x, group, batch_index, cat_covs, cont_covs)
         z, s = reference["background"][0], reference["salient"][0]
@@ -150,7 +150,7 @@ def test_covariates_reach_encoders_and_decoder(screen):
 def test_encoders_ignore_the_label_unless_asked(screen):
     setup(screen)
     model = quick_train(pc.ContrastiveVAE(screen), max_epochs=1)
-    x, group, *rest = _minibatch(model)
+    x, group, *rest = _minibatch(model)[:5]
     flipped = torch.full_like(group, CellGroup.BACKGROUND)
     module = model.module.eval()
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_encoders_ignore_the_label_unless_asked(screen):
 
     aware = quick_train(pc.ContrastiveVAE(screen, salient_encoder_sees_group=True), max_epochs=1)
     module = aware.module.eval()
-    x, group, *rest = _minibatch(aware)
+    x, group, *rest = _minibatch(aware)[:5]
     group = torch.full_like(group, CellGroup.TARGET)
     with torch.no_grad():
         assert not torch.allclose(

@@ -12,8 +12,8 @@ import pertpy_contrastive as pc
 from pertpy_contrastive._constants import CellGroup
 
 
-def test_probabilities_are_probabilities_and_zero_for_controls(trained):
-    adata, model = trained
+def test_probabilities_are_probabilities_and_zero_for_controls(trained_responder):
+    adata, model = trained_responder
     probability = adata.obs["contrastive_p_perturbed"].to_numpy()
     assert np.isfinite(probability).all()
     assert ((probability >= 0) & (probability <= 1)).all()
@@ -23,8 +23,8 @@ def test_probabilities_are_probabilities_and_zero_for_controls(trained):
     np.testing.assert_array_equal(model.get_responder_probability(), probability)
 
 
-def test_escapers_low_responders_high(trained):
-    adata, _ = trained
+def test_escapers_low_responders_high(trained_responder):
+    adata, _ = trained_responder
     obs = adata.obs
     probability = obs["contrastive_p_perturbed"].to_numpy()
     effect = ((obs["perturbation"] != CONTROL) & (obs["program"] != "none")).to_numpy()
@@ -35,8 +35,8 @@ def test_escapers_low_responders_high(trained):
     assert np.median(probability[escapers & effect]) < 0.2
 
 
-def test_mixscape_vocabulary(trained):
-    adata, _ = trained
+def test_mixscape_vocabulary(trained_responder):
+    adata, _ = trained_responder
     obs = adata.obs
     probability = obs["contrastive_p_perturbed"].to_numpy()
     labels = obs["perturbation"].astype(str).to_numpy()
@@ -52,8 +52,8 @@ def test_mixscape_vocabulary(trained):
     np.testing.assert_array_equal(target_class[~controls], expected)
 
 
-def test_responder_fractions_per_target_and_guide(trained):
-    adata, model = trained
+def test_responder_fractions_per_target_and_guide(trained_responder):
+    adata, model = trained_responder
     fractions = adata.uns["contrastive_responder_fractions"]
     targets = sorted(set(adata.obs["perturbation"].astype(str)) - {CONTROL})
     assert list(fractions.index) == targets
@@ -76,8 +76,8 @@ def test_responder_fractions_per_target_and_guide(trained):
         assert efficient["responder_fraction"] > inefficient["responder_fraction"]
 
 
-def test_pseudobulk_keeps_called_responders(trained):
-    adata, _ = trained
+def test_pseudobulk_keeps_called_responders(trained_responder):
+    adata, _ = trained_responder
     pseudobulk = pc.tl.responder_pseudobulk(
         adata, sample_key="batch", responders="posterior", min_cells=1
     )

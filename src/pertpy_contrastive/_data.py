@@ -223,14 +223,11 @@ def assign_groups(
     return groups
 
 
-class PerturbationGroupField(BaseAnnDataField):
-    """Registers each cell's :class:`~pertpy_contrastive._constants.CellGroup` code.
+class _PerturbationObsField(BaseAnnDataField):
+    """An obs column derived from the perturbation labels, written as ``_scvi_<registry_key>``.
 
-    scvi-tools' loaders read only registered obs columns, so the code is written to
-    ``obs['_scvi_contrastive_group']``, next to scvi-tools' own ``_scvi_*`` columns. Unlike
-    :class:`~scvi.data.fields.CategoricalObsField`, it accepts missing labels (they mark
-    excluded cells) and keeps the control and excluded labels in the registry, so that the
-    same rule applies when a saved model meets new data.
+    scvi-tools' loaders read only registered obs columns, so derived codes are written next to
+    scvi-tools' own ``_scvi_*`` columns.
     """
 
     def __init__(self, perturbation_key: str, control_labels: Sequence[str], excluded_labels):
@@ -240,16 +237,12 @@ class PerturbationGroupField(BaseAnnDataField):
         self.excluded_labels = list(excluded_labels)
 
     @property
-    def registry_key(self) -> str:
-        return GROUP_KEY
-
-    @property
     def attr_name(self) -> str:
         return "obs"
 
     @property
     def attr_key(self) -> str:
-        return f"_scvi_{GROUP_KEY}"
+        return f"_scvi_{self.registry_key}"
 
     @property
     def is_empty(self) -> bool:
@@ -261,6 +254,23 @@ class PerturbationGroupField(BaseAnnDataField):
                 f"Perturbation key {self.perturbation_key!r} is not a column of obs. Available "
                 f"columns: {list(adata.obs.columns)}."
             )
+
+    def view_state_registry(self, state_registry: dict) -> None:
+        return None
+
+
+class PerturbationGroupField(_PerturbationObsField):
+    """Registers each cell's :class:`~pertpy_contrastive._constants.CellGroup` code.
+
+    The code is written to ``obs['_scvi_contrastive_group']``. Unlike
+    :class:`~scvi.data.fields.CategoricalObsField`, it accepts missing labels (they mark
+    excluded cells) and keeps the control and excluded labels in the registry, so that the
+    same rule applies when a saved model meets new data.
+    """
+
+    @property
+    def registry_key(self) -> str:
+        return GROUP_KEY
 
     def _write_groups(self, adata: AnnData, groups: np.ndarray) -> dict:
         adata.obs[self.attr_key] = groups
@@ -298,11 +308,8 @@ class PerturbationGroupField(BaseAnnDataField):
     def get_summary_stats(self, state_registry: dict) -> dict:
         return {}
 
-    def view_state_registry(self, state_registry: dict) -> None:
-        return None
 
-
-class PerturbationTargetField(BaseAnnDataField):
+class PerturbationTargetField(_PerturbationObsField):
     """Registers each cell's target index: the position of its label among the trained targets.
 
     The responder prior of the model is per target, so the loaders must carry the index. It is
@@ -311,34 +318,9 @@ class PerturbationTargetField(BaseAnnDataField):
     registration, sorted; the registry keeps them, so new data is indexed the same way.
     """
 
-    def __init__(self, perturbation_key: str, control_labels: Sequence[str], excluded_labels):
-        super().__init__()
-        self.perturbation_key = perturbation_key
-        self.control_labels = list(control_labels)
-        self.excluded_labels = list(excluded_labels)
-
     @property
     def registry_key(self) -> str:
         return TARGET_KEY
-
-    @property
-    def attr_name(self) -> str:
-        return "obs"
-
-    @property
-    def attr_key(self) -> str:
-        return f"_scvi_{TARGET_KEY}"
-
-    @property
-    def is_empty(self) -> bool:
-        return False
-
-    def validate_field(self, adata: AnnData) -> None:
-        if self.perturbation_key not in adata.obs:
-            raise KeyError(
-                f"Perturbation key {self.perturbation_key!r} is not a column of obs. Available "
-                f"columns: {list(adata.obs.columns)}."
-            )
 
     def _write_codes(self, adata: AnnData, target_labels: list[str]) -> dict:
         if self.perturbation_key in adata.obs:
@@ -368,6 +350,3 @@ class PerturbationTargetField(BaseAnnDataField):
 
     def get_summary_stats(self, state_registry: dict) -> dict:
         return {"n_targets": len(state_registry["target_labels"])}
-
-    def view_state_registry(self, state_registry: dict) -> None:
-        return None
