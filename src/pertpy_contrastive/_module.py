@@ -454,7 +454,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         """Sample the amortised mean-field guide q(z | x) q(s | x) [q(l | x)]."""
         n_cells = x.shape[0]
         posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)
-        self._guide_salient_posterior = posterior["salient"]
+        if self.responder:
+            self._guide_salient_posterior = posterior["salient"]
         with pyro.plate("cells", n_cells), poutine.scale(scale=_scale(cell_weight)):
             with poutine.scale(scale=kl_weight):
                 pyro.sample("background", dist.Normal(*posterior["background"]).to_event(1))
