@@ -100,3 +100,23 @@ def test_errors_name_the_fix(papalexi):
     assert mdata["rna"].obs["perturbation"].equals(before)
     with pytest.raises(ValueError, match="multiple must be"):
         pc.pp.perturbation_labels(mdata, multiple="keep", overwrite=True)
+
+
+def test_guide_key_added_keeps_each_labelled_cells_guide(papalexi):
+    mdata = papalexi.copy()
+    guides = mdata["gdo"]
+    pt.pp.GuideAssignment().assign_to_max_guide(guides, assignment_threshold=5)
+    mdata["rna"].obs["guide"] = "taken"
+    with pytest.raises(KeyError, match="obs\\['guide'\\] already exists"):
+        pc.pp.perturbation_labels(mdata, guide_key_added="guide")
+    assert "perturbation" not in mdata["rna"].obs  # nothing written on the error
+    labels = pc.pp.perturbation_labels(mdata, guide_key_added="guide", overwrite=True)
+    cell_guides = mdata["rna"].obs["guide"]
+    labelled = labels.notna().to_numpy()
+    assert cell_guides[~labelled].isna().all()
+    assigned = guides.obs["assigned_guide"].astype(str).to_numpy()
+    np.testing.assert_array_equal(cell_guides[labelled].astype(str).to_numpy(), assigned[labelled])
+    # Each guide maps to its cell's target label.
+    target_of = guides.var["target_gene"].astype(str).to_dict()
+    mapped = [target_of[g] for g in cell_guides[labelled].astype(str)]
+    assert mapped == list(labels[labelled].astype(str))

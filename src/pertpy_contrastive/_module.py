@@ -254,7 +254,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         with pyro.plate("cells", n_cells), poutine.scale(scale=_scale(cell_weight)):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("background", _standard_normal(x, n_cells, self.n_background))
-                # The prior of s given y = 0; a responder's prior N(mu_t, I) enters the
+                # The prior of s given y = 0; a responder's prior N(mu_t, sigma^2 I) enters the
                 # responder branch as the density ratio (see _branch_log_likelihoods).
                 s = pyro.sample("salient", _standard_normal(x, n_cells, self.n_salient))
             if self.use_observed_library:
@@ -303,14 +303,15 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             pyro.factor("counts", marginal)
 
     def _salient_posterior(self, x, group, batch_index, cat_covs, cont_covs):
-        """``(loc, scale)`` of q(s | x): the guide's of this step if it ran, else encoded anew.
+        """``(loc, scale)`` of q(s | x): the guide's for these very counts if it ran, else anew.
 
         The escaper branch of the model needs the density of the guide's s (see
         ``_branch_log_likelihoods``). Re-encoding inside the model would draw new dropout masks,
-        so within a step the model reuses what the guide computed.
+        so within a step the model reuses what the guide computed. Trace_ELBO passes the same
+        tensors to guide and model, so the guide's result is matched by the identity of ``x``.
         """
-        posterior = self.__dict__.pop("_guide_salient_posterior", None)
-        if posterior is None or posterior[0].shape[0] != x.shape[0]:
+        guide_counts, posterior = self.__dict__.pop("_guide_salient_posterior", (None, None))
+        if guide_counts is not x:
             posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)["salient"]
         return posterior
 
@@ -379,8 +380,10 @@ class ContrastivePyroModule(PyroBaseModuleClass):
     ) -> torch.Tensor:
         """Posterior log odds that each cell with a target responded, per posterior sample.
 
-        For draws (z, s) from the guide, the log odds are ``log(pi p1) - log((1 - pi) p0)`` of
-        the two branches of the model; the posterior P(y = 1 | x) is the mean of their sigmoid.
+        For draws (z, s) from the guide, the log odds are the difference of the model's two
+        branches, ``log pi_t + log N(s; mu_t, sigma^2) - log q(s | x) + log p(x | z, s)`` and
+        ``log(1 - pi_t) + log p(x | z, 0)``; the posterior P(y = 1 | x) is the mean of their
+        sigmoid.
         Cells without a target (``target < 0``) get NaN.
 
         Returns
@@ -455,7 +458,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         n_cells = x.shape[0]
         posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)
         if self.responder:
-            self._guide_salient_posterior = posterior["salient"]
+            self._guide_salient_posterior = (x, posterior["salient"])
         with pyro.plate("cells", n_cells), poutine.scale(scale=_scale(cell_weight)):
             with poutine.scale(scale=kl_weight):
                 pyro.sample("background", dist.Normal(*posterior["background"]).to_event(1))

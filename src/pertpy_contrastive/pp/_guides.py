@@ -107,8 +107,9 @@ def perturbation_labels(
     key_added
         obs column written: on the RNA modality for a MuData, else on ``data``.
     guide_key_added
-        Also write each labelled cell's guide (several joined by ``+``) to this obs column, for
-        ``ContrastiveVAE.setup_anndata(guide_key=...)`` and per-guide responder fractions.
+        Also write each labelled cell's guide (several joined by ``separator``) to this obs
+        column, for ``ContrastiveVAE.setup_anndata(guide_key=...)`` and per-guide responder
+        fractions.
         Cells without a label get a missing value.
     overwrite
         Replace existing ``key_added`` / ``guide_key_added`` columns; otherwise an existing
@@ -165,7 +166,7 @@ def perturbation_labels(
         "no guide (excluded)": 0,
     }
     for guide_set in guide_sets:
-        cell_guides.append("+".join(sorted(guide_set)) if guide_set else None)
+        cell_guides.append(separator.join(sorted(guide_set)) if guide_set else None)
         if guide_set is None:
             labels.append(None)
             outcomes["several (excluded)"] += 1
