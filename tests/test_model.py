@@ -280,3 +280,27 @@ def test_background_mmd_enters_the_loss_once_per_step(screen):
         )
     assert mmd > 0
     torch.testing.assert_close(losses[7.0] - losses[0.0], 7.0 * mmd, rtol=1e-6, atol=1e-6)
+
+
+def test_responder_model_trains_the_background_encoder_on_controls_only(screen):
+    setup(screen)
+
+    def background_encoder_gradient(responder, groups):
+        model = pc.ContrastiveVAE(
+            screen, n_hidden=16, background_mmd_weight=0.0, responder=responder
+        )
+        module = model.module
+        tensors = next(iter(model._make_data_loader(adata=screen, batch_size=256)))
+        args, _ = module._get_fn_args_from_batch(tensors)
+        keep = torch.isin(args[1], torch.tensor(groups))
+        args = tuple(value[keep] for value in args)
+        loss = pyro.infer.Trace_ELBO().differentiable_loss(module.model, module.guide, *args)
+        loss.backward()
+        return sum(
+            p.grad.abs().sum() for p in module.background_encoder.parameters() if p.grad is not None
+        )
+
+    targets_only = [CellGroup.TARGET]
+    assert background_encoder_gradient(True, targets_only) == 0
+    assert background_encoder_gradient(False, targets_only) > 0
+    assert background_encoder_gradient(True, [CellGroup.TARGET, CellGroup.BACKGROUND]) > 0

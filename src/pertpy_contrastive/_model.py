@@ -93,9 +93,11 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
         no longer show that a labelled cell looks unperturbed (an escaper) on its own.
     responder
         Experimental: model whether each perturbed cell responded, and give
-        :meth:`get_responder_probability`. Off by default: on the benchmark screens it does not
-        yet give reliable calls (docs/benchmark_responders.md). ``False`` is the plain
-        contrastive VAE, in which every perturbed cell uses its salient latent.
+        :meth:`get_responder_probability`. The background encoder then learns from controls
+        only, so that a non-responder's background latent cannot be trained to explain a
+        responder's effect. Off by default: on the benchmark screens it does not yet give
+        reliable calls (docs/benchmarks.md, "Responders"). ``False`` is the plain contrastive
+        VAE, in which every perturbed cell uses its salient latent.
     responder_salient_scale
         Standard deviation of a responder's salient latent around its target's centre mu_t;
         ``None`` learns one per target.
@@ -170,6 +172,9 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
                 responder=responder,
                 responder_salient_scale=responder_salient_scale,
                 salient_effect=salient_effect,
+                # Measured only with the responder model (docs/benchmarks.md, "Responders"): on
+                # the plain model it lowers calling and program separation.
+                background_from_controls=responder,
             )
         self._model_summary_string = (
             f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "

@@ -30,7 +30,9 @@ branch; a non-responder's s is never decoded, so its posterior is its prior and 
 branch carries no salient term (see ``_branch_log_likelihoods``). A control is decoded without
 s, so the ELBO pulls its q(s | x) to the prior, centred on 0; an opt-in Wasserstein penalty pulls
 it further, to the point mass at 0. A per-step MMD between controls' and perturbed cells'
-background latents keeps perturbation effects out of z.
+background latents keeps perturbation effects out of z; with ``background_from_controls`` (set
+by the responder model) only controls train the background encoder, which keeps them out of
+each perturbed cell's z.
 """
 
 from __future__ import annotations
@@ -99,6 +101,14 @@ class ContrastivePyroModule(PyroBaseModuleClass):
     responder
         Model whether each target cell responded (the y_n above); otherwise all target cells
         use their salient latent.
+    responder_salient_scale
+        sigma above; ``None`` learns one per target.
+    salient_effect
+        ``"nonlinear"``: s enters the decoder network; ``"additive"``: a shift of the log
+        proportions along unit-norm gene directions.
+    background_from_controls
+        Train the background encoder on controls only: a perturbed cell's loss sends it no
+        gradient, so its z cannot be trained to explain the cell's perturbation.
     """
 
     def __init__(
@@ -123,6 +133,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         responder: bool = False,
         responder_salient_scale: float | None = 0.25,
         salient_effect: SalientEffect = "nonlinear",
+        background_from_controls: bool = False,
     ):
         super().__init__()
         if salient_effect not in SALIENT_EFFECTS:
@@ -141,6 +152,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         self.responder = responder
         self.responder_salient_scale = responder_salient_scale
         self.salient_effect = salient_effect
+        self.background_from_controls = background_from_controls
 
         covariate_sizes = [n_batch, *n_cats_per_cov]
         network = {
@@ -459,9 +471,15 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)
         if self.responder:
             self._guide_salient_posterior = (x, posterior["salient"])
+        background = posterior["background"]
+        if self.background_from_controls:
+            # Only controls train the background encoder: a perturbed cell's z is what the
+            # controls' encoder reads in it, so no gradient can teach z to explain an effect.
+            is_control = (group == CellGroup.BACKGROUND).unsqueeze(-1)
+            background = tuple(torch.where(is_control, v, v.detach()) for v in background)
         with pyro.plate("cells", n_cells), poutine.scale(scale=_scale(cell_weight)):
             with poutine.scale(scale=kl_weight):
-                pyro.sample("background", dist.Normal(*posterior["background"]).to_event(1))
+                pyro.sample("background", dist.Normal(*background).to_event(1))
                 pyro.sample("salient", dist.Normal(*posterior["salient"]).to_event(1))
                 # Opt-in: the squared 2-Wasserstein distance ||mu||^2 + sum(sigma^2) from a
                 # control's q(s | x) to the point mass at 0. A guide factor adds to log q, so a
