@@ -196,3 +196,13 @@ def test_learned_responder_scale_trains_and_saves(screen, tmp_path):
     model.save(tmp_path / "model")
     loaded = pc.ContrastiveVAE.load(tmp_path / "model", adata=screen)
     np.testing.assert_array_equal(loaded.get_responder_probability(), probability)
+
+
+def test_posterior_fraction_matches_the_true_responder_fraction(trained_responder):
+    """The importance-weighted posterior is calibrated in aggregate on a strong screen."""
+    adata, _ = trained_responder
+    obs = adata.obs
+    targeting = (obs["perturbation"] != CONTROL).to_numpy()
+    probability = obs["contrastive_p_perturbed"].to_numpy()[targeting]
+    truth = obs["responder"].to_numpy()[targeting]
+    assert abs(probability.mean() - truth.mean()) < 0.05

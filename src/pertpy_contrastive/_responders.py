@@ -46,10 +46,10 @@ class ResponderMixin:
         """Posterior probability that each cell responded to its perturbation, P(y = 1 | x).
 
         The model's two branches (responded: decoded with the salient latent, under the
-        target's responder prior; escaped: decoded like a control) are compared for
-        ``n_samples`` draws of the cell's latents from the guide, and the posterior
-        probabilities are averaged. A cell's perturbation label enters only through its target's
-        responder fraction and salient centre; the encoders do not see it.
+        target's responder prior; escaped: decoded like a control) are weighed by their
+        marginal likelihoods, each estimated by importance sampling with ``n_samples`` draws of
+        the cell's latents from the guide. A cell's perturbation label enters only through its
+        target's responder fraction and salient centre; the encoders do not see it.
 
         Parameters
         ----------
@@ -82,7 +82,7 @@ class ResponderMixin:
             ):
                 args, _ = self.module._get_fn_args_from_batch(tensors)
                 log_odds = self.module.responder_log_odds(*args, n_samples=n_samples)
-                probability = torch.sigmoid(log_odds).mean(0)
+                probability = torch.sigmoid(log_odds)
                 is_control = args[1] == CellGroup.BACKGROUND
                 probabilities.append(torch.where(is_control, 0.0, probability))
         return torch.cat(probabilities).cpu().numpy()
