@@ -3,7 +3,8 @@
 On the bundled THP-1 subset (guides assigned with pertpy's ``assign_to_max_guide``, 5 UMIs;
 controls are the non-targeting guides; batch key ``replicate``), ContrastiveVAE is trained with
 ``responder=True`` and otherwise default settings (early stopping on) for each model seed, and
-``write_outputs`` calls each labelled perturbed cell KO (responder probability above 0.5) or NP. Measured:
+``write_outputs`` calls each labelled perturbed cell KO (responder probability above 0.5) or
+NP. Measured:
 
 - **calls per target**: the fraction of cells called KO and the model's responder fraction with
   its 95% credible interval (mean over model seeds), beside the fraction Mixscape calls KO;

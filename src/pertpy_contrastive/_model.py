@@ -172,8 +172,8 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
                 responder=responder,
                 responder_salient_scale=responder_salient_scale,
                 salient_effect=salient_effect,
-                # Measured only with the responder model (docs/benchmarks.md, "Responders"): on
-                # the plain model it lowers calling and program separation.
+                # It raised the responder model's calls, but lowered the plain model's calling
+                # and program separation (docs/benchmarks.md, "Responders").
                 background_from_controls=responder,
             )
         self._model_summary_string = (

@@ -439,10 +439,10 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             )[has_target]
             escaped_weights.append(escaped + latent_weight)
             responded_weights.append(responded + latent_weight)
+        log_evidence_responded = torch.logsumexp(torch.stack(responded_weights), 0)
+        log_evidence_escaped = torch.logsumexp(torch.stack(escaped_weights), 0)
         log_odds = x.new_full((x.shape[0],), float("nan"))
-        log_odds[has_target] = torch.logsumexp(torch.stack(responded_weights), 0) - torch.logsumexp(
-            torch.stack(escaped_weights), 0
-        )
+        log_odds[has_target] = log_evidence_responded - log_evidence_escaped
         return log_odds
 
     def expression_proportions(self, z, s, batch_index, cat_covs, cont_covs) -> torch.Tensor:
