@@ -76,7 +76,7 @@ def mixscape_probability(adata) -> np.ndarray:
     """pertpy Mixscape's posterior probability of knockout, per cell (0 for controls)."""
     signature = mixscape_signature(adata)
     pt.tl.Mixscape().mixscape(
-        adata=signature, labels="perturbation", control=CONTROL, layer="X_pert", split_by="batch"
+        adata=signature, pert_key="perturbation", control=CONTROL, layer="X_pert", split_by="batch"
     )
     return signature.obs["mixscape_class_p_ko"].to_numpy(dtype=float)
 
@@ -162,7 +162,6 @@ def main():
         norms = []
         for seed in args.model_seeds:
             model_kwargs, train_kwargs = vae_kwargs(args)
-            model_kwargs["responder"] = True
             model, _ = fit_contrastive_vae(adata, seed, args.epochs, model_kwargs, train_kwargs)
             probability = model.get_responder_probability()
             aurocs = responder_aurocs(adata.obs, probability)
@@ -225,7 +224,7 @@ def main():
         f"Simulated screens of {args.cells} cells × {args.genes} genes (screen seed {args.seed}):\n\n"
         + "\n".join(headers)
         + f"\n\nVAEs: {args.epochs} epochs, no early stopping, n_salient={args.n_salient}, "
-        f"n_background={args.n_background}, responder=True, other settings at their defaults; "
+        f"n_background={args.n_background}, other settings at their defaults; "
         f"model seeds {args.model_seeds} (mean ± sd). Mixscape: pertpy's `perturbation_signature` (20 "
         "neighbours, within batch) and `mixscape` (deterministic, one run). "
         f"{torch.get_num_threads()} torch threads, CPU only."

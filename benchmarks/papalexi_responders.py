@@ -2,8 +2,7 @@
 
 On the bundled THP-1 subset (guides assigned with pertpy's ``assign_to_max_guide``, 5 UMIs;
 controls are the non-targeting guides; batch key ``replicate``), ContrastiveVAE is trained with
-``responder=True`` and otherwise default settings (early stopping on) for each model seed, and
-``write_outputs`` calls each labelled perturbed cell KO (responder probability above 0.5) or
+default settings (early stopping on) for each model seed, and ``write_outputs`` calls each labelled perturbed cell KO (responder probability above 0.5) or
 NP. Measured:
 
 - **calls per target**: the fraction of cells called KO and the model's responder fraction with
@@ -80,7 +79,7 @@ def train_contrastive_vae(seed, epochs):
     pc.ContrastiveVAE.setup_anndata(
         mdata, perturbation_key="perturbation", control=CONTROL, batch_key=BATCH
     )
-    model = pc.ContrastiveVAE(mdata, seed=seed, responder=True)
+    model = pc.ContrastiveVAE(mdata, seed=seed)
     start = time.perf_counter()
     model.train(max_epochs=epochs, seed=seed, enable_progress_bar=False)
     seconds = time.perf_counter() - start
@@ -258,7 +257,7 @@ def main():
     )
     stacked = pd.concat(fractions, keys=args.model_seeds, names=["seed", "target_index"])
     fraction_mean = stacked.groupby(level="target_index")[
-        ["responder_fraction", "ci_low", "ci_high", "prior_fraction"]
+        ["responder_fraction", "ci_low", "ci_high"]
     ].mean()
     fraction_sd = stacked.groupby(level="target_index")["responder_fraction"].std(ddof=0)
     others = sorted(set(targets) - set(ordered_targets), key=lambda t: -by_seed.loc[t].mean())
@@ -271,8 +270,8 @@ def main():
         "mean of the seeds' interval bounds.",
         "",
         "| target | cells | fraction called KO (ours) | responder fraction (ours) | 95% interval "
-        "| learned prior fraction | fraction called KO (Mixscape) |",
-        "|---|---|---|---|---|---|---|",
+        "| fraction called KO (Mixscape) |",
+        "|---|---|---|---|---|---|",
     ]
     for target in [*ordered_targets, *others]:
         name = f"**{target}**" if target in IFNG_PATHWAY else target
@@ -281,9 +280,9 @@ def main():
             f"| {fraction_mean.loc[target, 'responder_fraction']:.3f}"
             + (f" ± {fraction_sd[target]:.3f}" if len(args.model_seeds) > 1 else "")
             + f" | {fraction_mean.loc[target, 'ci_low']:.3f}–{fraction_mean.loc[target, 'ci_high']:.3f} "
-            f"| {fraction_mean.loc[target, 'prior_fraction']:.3f} | {mixscape_fraction[target]:.3f} |"
+            f"| {mixscape_fraction[target]:.3f} |"
         )
-    lines.append(f"| {CONTROL} | {n_cells[CONTROL]} | 0 (by construction) | – | – | – | – |")
+    lines.append(f"| {CONTROL} | {n_cells[CONTROL]} | 0 (by construction) | – | – | – |")
 
     # 2. The target gene's own mRNA.
     measured = [t for t in [*ordered_targets, *sorted(targets)] if t in data.var_names]
@@ -385,7 +384,7 @@ def main():
         f"{data.n_obs} with a single-target guide label ({int(is_control.sum())} non-targeting "
         f"controls, {int(perturbed.sum())} perturbed cells of {len(targets)} targets), "
         f"{rna_all.n_obs - data.n_obs} without a label (not scored), "
-        f"{len(set(replicate))} replicates. ContrastiveVAE: responder=True, at most "
+        f"{len(set(replicate))} replicates. ContrastiveVAE: default settings, at most "
         f"{args.epochs} epochs with early stopping (epochs trained per seed: "
         f"{', '.join(map(str, epochs_trained))}; training seconds: "
         f"{', '.join(f'{s:.0f}' for s in seconds)}), KO = responder probability > 0.5; model "

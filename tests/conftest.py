@@ -63,9 +63,3 @@ def _trained_screen(**model_kwargs):
 def trained():
     """The default (plain) model, trained on the strong-program screen."""
     return _trained_screen()
-
-
-@pytest.fixture(scope="session")
-def trained_responder():
-    """A model with the responder variable, trained on the strong-program screen."""
-    return _trained_screen(responder=True)

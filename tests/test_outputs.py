@@ -179,8 +179,8 @@ def test_papalexi_responder_pseudobulk_into_pydeseq2(papalexi_outputs):
     assert result.loc["STAT1", "adj_p_value"] < 0.05
     with pytest.raises(KeyError, match="Run model.write_outputs"):
         pc.tl.responder_pseudobulk(rna, salient_key="missing")
-    with pytest.raises(KeyError, match="responder=True"):
-        pc.tl.responder_pseudobulk(rna, responders="posterior")
+    with pytest.raises(KeyError, match="Run model.write_outputs"):
+        pc.tl.responder_pseudobulk(rna, probability_key="missing")
 
 
 def test_simulated_responder_pseudobulk_into_pydeseq2(trained):

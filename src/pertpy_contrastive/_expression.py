@@ -178,9 +178,6 @@ class ExpressionMixin:
           rows summing to 1e4, for ``pt.tl.WilcoxonTest`` / ``TTest.compare_groups(layer=...)``
           (log-transform it first if the test expects log data);
         - ``layers['<prefix>_effect']``: :meth:`get_perturbation_effect`;
-
-        and, unless the model was built with ``responder=False``:
-
         - ``obs['<prefix>_p_perturbed']``: :meth:`get_responder_probability` (0 for controls,
           NaN for cells whose label is not a trained target);
         - ``obs['<prefix>_class']`` and ``obs['<prefix>_class_global']``: Mixscape's vocabulary,
@@ -201,7 +198,7 @@ class ExpressionMixin:
             Responder probability above which a perturbed cell is called KO.
         n_reference_cells, seed
             Reference sample of :meth:`get_denoised_expression`; ``seed`` also seeds the
-            posterior draws of :meth:`get_responder_probability`.
+            cross-fitting folds of :meth:`get_responder_probability`.
         overwrite
             Replace existing keys of the same names.
         modality
@@ -215,14 +212,9 @@ class ExpressionMixin:
         keys = {
             "obsm": {kind: f"X_{prefix}_{kind}" for kind in ("salient", "background")},
             "layers": {"denoised": f"{prefix}_denoised", "effect": f"{prefix}_effect"},
-            "obs": {},
-            "uns": {},
+            "obs": {name: f"{prefix}_{name}" for name in ("p_perturbed", "class", "class_global")},
+            "uns": {"fractions": f"{prefix}_responder_fractions"},
         }
-        if self.module.responder:
-            keys["obs"] = {
-                name: f"{prefix}_{name}" for name in ("p_perturbed", "class", "class_global")
-            }
-            keys["uns"] = {"fractions": f"{prefix}_responder_fractions"}
         taken = [
             f"{attribute}[{key!r}]"
             for attribute, named in keys.items()
@@ -249,19 +241,18 @@ class ExpressionMixin:
                 keys["layers"]["effect"]: self._effect(cells),
             },
         }
-        if self.module.responder:
-            probability = self.get_responder_probability(target, seed=seed)
-            target_class, global_class = self._responder_calls(target, probability, threshold)
-            outputs["obs"] = {
-                keys["obs"]["p_perturbed"]: probability,
-                keys["obs"]["class"]: target_class,
-                keys["obs"]["class_global"]: global_class,
-            }
-            outputs["uns"] = {
-                keys["uns"]["fractions"]: self.get_responder_fractions(
-                    target, threshold=threshold, probability=probability
-                )
-            }
+        probability = self.get_responder_probability(target, seed=seed)
+        target_class, global_class = self._responder_calls(target, probability, threshold)
+        outputs["obs"] = {
+            keys["obs"]["p_perturbed"]: probability,
+            keys["obs"]["class"]: target_class,
+            keys["obs"]["class_global"]: global_class,
+        }
+        outputs["uns"] = {
+            keys["uns"]["fractions"]: self.get_responder_fractions(
+                target, threshold=threshold, probability=probability
+            )
+        }
         # Written only once everything is computed, so a failure leaves the data as it was.
         for attribute, values in outputs.items():
             for key, value in values.items():

@@ -14,8 +14,10 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from mudata import MuData
-from scipy import stats
+from scipy import sparse, stats
+from scvi import REGISTRY_KEYS
 
+from . import _responder_mixture as mixture
 from ._constants import GROUP_KEY, TARGET_KEY, CellGroup
 from ._data import resolve_modality
 
@@ -26,43 +28,47 @@ CONTROL_CLASS = "NT"
 class ResponderMixin:
     """Responder outputs of a trained :class:`~pertpy_contrastive.ContrastiveVAE`."""
 
-    def _require_responder(self) -> None:
-        if not self.module.responder:
-            raise ValueError(
-                "This model was built with responder=False, so it has no responder variable. "
-                "Build it with ContrastiveVAE(adata, responder=True) and train it."
-            )
-
     @torch.inference_mode()
     def get_responder_probability(
         self,
         adata: AnnData | MuData | None = None,
         indices: Sequence[int] | None = None,
-        n_samples: int = 25,
-        batch_size: int = 256,
+        gene_fdr: float = 0.05,
+        n_folds: int = 5,
+        use_target_gene: bool = False,
         seed: int = 0,
         modality: str = "rna",
     ) -> np.ndarray:
         """Posterior probability that each cell responded to its perturbation, P(y = 1 | x).
 
-        The model's two branches (responded: decoded with the salient latent, under the
-        target's responder prior; escaped: decoded like a control) are weighed by their
-        marginal likelihoods, each estimated by importance sampling with ``n_samples`` draws of
-        the cell's latents from the guide. A cell's perturbation label enters only through its
-        target's responder fraction and salient centre; the encoders do not see it.
+        Each target's cells are a two-branch mixture on the background the model reads in
+        them (``_responder_mixture.py``): escapers are expressed like their background,
+        responders shift a sparse set of genes by the target's log fold changes. The effect is
+        fitted on the other ``n_folds - 1`` folds of the target's cells and the responder
+        fraction on the cell's own fold, so that a cell's noise cannot make it look like a
+        responder. A cell's perturbation label enters only as the index of its target's effect
+        and fraction; the encoders do not see it. The mixture is fitted on the cells of
+        ``adata``, so a target needs cells there.
 
         Parameters
         ----------
         adata
-            Data to score; defaults to the data the model was set up with.
+            Data to score; defaults to the data the model was set up with. It needs controls
+            (they calibrate the background).
         indices
-            Cells to score; default all.
-        n_samples
-            Posterior draws of the latents per cell.
-        batch_size
-            Cells per inference minibatch.
+            Cells to return; default all. The mixture is still fitted on all cells.
+        gene_fdr
+            Benjamini-Hochberg level at which a gene enters a target's effect. A target with
+            no such gene has no detectable response: its cells get probability 0.
+        n_folds
+            Folds of the cross-fitting (at least 2).
+        use_target_gene
+            Let the target's own gene (when the label is a gene of ``adata``) count as evidence.
+            Off by default: calls then rest on the downstream response, and the target gene's
+            mRNA in cells called KO against NP checks them independently. A knockdown without
+            any downstream effect is then not called a response (as in Mixscape).
         seed
-            Seed of the posterior draws (the result is reproducible).
+            Seed of the fold assignment (the result is reproducible).
         modality
             Modality when ``adata`` is a MuData.
 
@@ -71,21 +77,69 @@ class ResponderMixin:
         Array ``(n_cells,)``: 0 for controls, NaN for cells whose label is not a trained target
         (no guide, several targets, or a label absent from training), P(y = 1 | x) otherwise.
         """
+        log_odds = self._responder_log_odds(
+            adata, gene_fdr, n_folds, use_target_gene, seed, modality
+        )
+        probability = 1.0 / (1.0 + np.exp(-log_odds))
+        return probability if indices is None else probability[np.asarray(indices)]
+
+    def _responder_log_odds(self, adata, gene_fdr, n_folds, use_target_gene, seed, modality):
+        """Per-cell log odds of response: ``-inf`` for controls, NaN for cells without a target."""
         self._check_if_trained(warn=False)
-        self._require_responder()
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
-        probabilities = []
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for tensors in self._make_data_loader(
-                adata=adata, indices=indices, batch_size=batch_size
-            ):
-                args, _ = self.module._get_fn_args_from_batch(tensors)
-                log_odds = self.module.responder_log_odds(*args, n_samples=n_samples)
-                probability = torch.sigmoid(log_odds)
-                is_control = args[1] == CellGroup.BACKGROUND
-                probabilities.append(torch.where(is_control, 0.0, probability))
-        return torch.cat(probabilities).cpu().numpy()
+        manager = self.get_anndata_manager(adata)
+        groups = manager.get_from_registry(GROUP_KEY).ravel()
+        targets = manager.get_from_registry(TARGET_KEY).ravel()
+        controls = np.flatnonzero(groups == CellGroup.BACKGROUND)
+        if len(controls) == 0:
+            raise ValueError(
+                "These data have no control cells, which calibrate the background of the "
+                "responder calls. Score data that include the controls of the screen."
+            )
+        counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        background = self._background_means(adata, counts)
+        dispersion = self._dispersion()
+        offset = mixture.control_offset(
+            _dense(counts[controls]), background[controls].double(), dispersion
+        )
+        labels = self.adata_manager.get_state_registry(TARGET_KEY)["target_labels"]
+        log_odds = np.full(adata.n_obs, np.nan)
+        log_odds[controls] = -np.inf
+        rng = np.random.default_rng(seed)
+        for index, label in enumerate(labels):
+            cells = np.flatnonzero((targets == index) & (groups != CellGroup.BACKGROUND))
+            if len(cells) == 0:
+                continue
+            allowed = torch.as_tensor(
+                ~((adata.var_names == label) & (not use_target_gene)), dtype=torch.bool
+            )
+            log_odds[cells] = mixture.cross_fitted_log_odds(
+                _dense(counts[cells]),
+                background[cells].double() * offset.exp(),
+                dispersion,
+                allowed,
+                gene_fdr,
+                n_folds,
+                rng,
+            ).numpy()
+        return log_odds
+
+    @torch.inference_mode()
+    def _background_means(self, adata, counts) -> torch.Tensor:
+        """Each cell's counts decoded at its posterior mean z and s = 0, at its own depth."""
+        means = self._posterior_means(adata, None)
+        proportions = self.module.expression_proportions(
+            means["z"], torch.zeros_like(means["s"]), means["batch"], means["cat"], means["cont"]
+        ).cpu()
+        library = torch.as_tensor(np.asarray(counts.sum(1)), dtype=proportions.dtype)
+        return proportions * library.reshape(-1, 1)
+
+    def _dispersion(self) -> torch.Tensor:
+        if self.module.likelihood == "poisson":
+            return torch.full_like(
+                self.module.log_dispersion, mixture.POISSON_DISPERSION, dtype=torch.float64
+            ).cpu()
+        return self.module.log_dispersion.detach().exp().double().cpu()
 
     def _responder_calls(self, adata: AnnData, probability: np.ndarray, threshold: float):
         """Mixscape-style classes from responder probabilities."""
@@ -143,9 +197,8 @@ class ResponderMixin:
         Returns
         -------
         DataFrame indexed by target or guide, with columns ``target``, ``n_cells``,
-        ``responder_fraction`` (posterior mean), ``ci_low``, ``ci_high``, ``n_called`` (cells
-        above ``threshold``) and ``prior_fraction`` (the model's learned responder fraction of
-        the target, the prior of each of its cells).
+        ``responder_fraction`` (posterior mean), ``ci_low``, ``ci_high`` and ``n_called`` (cells
+        above ``threshold``).
         """
         adata = self.adata if adata is None else resolve_modality(adata, modality)
         if probability is None:
@@ -182,11 +235,12 @@ class ResponderMixin:
         )
         summary["responder_fraction"] = posterior.mean()
         summary["ci_low"], summary["ci_high"] = posterior.interval(level)
-        target_labels = self.adata_manager.get_state_registry(TARGET_KEY)["target_labels"]
-        prior = torch.sigmoid(self.module.responder_logits.detach()).cpu().numpy()
-        summary["prior_fraction"] = summary["target"].map(
-            dict(zip(target_labels, prior, strict=True))
-        )
         summary.index.name = by
         columns = ["target", "n_cells", "responder_fraction", "ci_low", "ci_high", "n_called"]
-        return summary[[*columns, "prior_fraction"]]
+        return summary[columns]
+
+
+def _dense(counts) -> torch.Tensor:
+    return torch.as_tensor(
+        counts.toarray() if sparse.issparse(counts) else np.asarray(counts), dtype=torch.float64
+    )

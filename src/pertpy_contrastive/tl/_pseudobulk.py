@@ -16,7 +16,7 @@ def responder_pseudobulk(
     perturbation_key: str = "perturbation",
     control: str = "non-targeting",
     sample_key: str = "replicate",
-    responders: Literal["salient_norm", "posterior"] = "salient_norm",
+    responders: Literal["posterior", "salient_norm"] = "posterior",
     salient_key: str = "X_contrastive_salient",
     quantile: float = 0.95,
     probability_key: str = "contrastive_p_perturbed",
@@ -27,11 +27,11 @@ def responder_pseudobulk(
     """Sum the raw counts of the cells the model finds perturbed, per perturbation and sample.
 
     Escapers would dilute the pseudobulk, so only the perturbed cells the model finds perturbed
-    are kept: with ``responders="salient_norm"`` (default), those whose salient latent norm
-    exceeds the ``quantile`` of the control cells' norms (a heuristic); with
-    ``responders="posterior"``, those whose posterior probability of having responded
-    (``obs[probability_key]``, written by a model built with ``responder=True``) exceeds
-    ``threshold``. Control cells are all kept. Counts are summed per (perturbation, sample);
+    are kept: with ``responders="posterior"`` (default), those whose posterior probability of
+    having responded (``obs[probability_key]``, written by
+    :meth:`~pertpy_contrastive.ContrastiveVAE.write_outputs`) exceeds ``threshold``; with
+    ``responders="salient_norm"``, those whose salient latent norm exceeds the ``quantile`` of
+    the control cells' norms (a heuristic). Control cells are all kept. Counts are summed per (perturbation, sample);
     groups with fewer than ``min_cells`` cells are dropped.
 
     What the p-values mean: with ``pt.tl.PyDESeq2`` on this output (e.g.
@@ -50,7 +50,7 @@ def responder_pseudobulk(
     perturbation_key, control, sample_key
         obs columns of the labels and samples, and the control label.
     responders
-        How responders are selected: ``"salient_norm"`` or ``"posterior"``.
+        How responders are selected: ``"posterior"`` or ``"salient_norm"``.
     salient_key
         obsm key of the salient latent (``"salient_norm"``).
     quantile
@@ -82,8 +82,8 @@ def responder_pseudobulk(
         )
     if responders == "posterior" and probability_key not in adata.obs:
         raise KeyError(
-            f"obs[{probability_key!r}] not found. Run model.write_outputs(adata) with a model "
-            "built with responder=True, or pass probability_key=<your key>."
+            f"obs[{probability_key!r}] not found. Run model.write_outputs(adata) first, or pass "
+            "probability_key=<your key>."
         )
     labels = adata.obs[perturbation_key].astype("string")
     is_control = (labels == control).to_numpy(dtype=bool, na_value=False)

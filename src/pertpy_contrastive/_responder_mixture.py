@@ -1,0 +1,179 @@
+"""The responder mixture: which cells of a target responded, given the model's background.
+
+Generative model, for cell n with target t, on the background the trained VAE reads in the cell
+(its counts decoded with the salient latent at 0, i.e. as a control):
+
+    b_ng = l_n * rho_g(z_n, s = 0, c_n) * exp(o_g)     background mean of gene g in cell n
+    y_n ~ Bernoulli(pi_t)                              did the knockout take?
+    x_ng ~ NB(b_ng * exp(y_n * delta_tg), theta_g)     a responder's genes shift by delta_t
+
+``o_g`` corrects the decoder's average error per gene, measured on controls (which carry no
+effect): decoding a cell at its posterior mean and dropping zero inflation leave a gene-wise
+bias that would otherwise look like an effect of every target. ``theta_g`` is the VAE's
+dispersion. ``delta_t`` is sparse: a gene enters only if its Wald test passes Benjamini-Hochberg
+at ``gene_fdr`` among the genes, so a target without a detectable response has no effect genes
+and no responders. y is summed out exactly, by EM on the two-branch mixture (the M-step for
+delta_t is a per-gene weighted negative-binomial regression with offset ``log b``).
+
+Cross-fitting keeps a cell's call honest: delta_t is fitted on the other folds of the target's
+cells, and the responder fraction pi_t of the held-out fold is re-estimated on it with delta_t
+fixed. A delta_t fitted on a cell's own counts would fit its noise, and an escaper would look
+like a responder (the failure of the in-VAE responder posterior, docs/benchmarks.md).
+
+Hand-written rather than Pyro SVI: the M-step has a closed-form Fisher-scoring update per gene,
+and exact zeros in delta_t need a test, not a shrinkage prior.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import stats
+
+_SCORING_STEPS = 8
+_EM_STEPS = 15
+_EM_SCORING_STEPS = 2  # per M-step, warm-started from the previous step's effect
+_FRACTION_STEPS = 100
+_MAX_ABS_EFFECT = 5.0
+POISSON_DISPERSION = 1e12
+"""Dispersion that makes the negative binomial a Poisson in double precision."""
+
+
+def negative_binomial_log_likelihood(counts, mean, dispersion) -> torch.Tensor:
+    """Per-entry NB log-likelihood up to terms free of ``mean`` (they cancel in every ratio).
+
+    Written with ``log1p(mean / dispersion)`` so that a huge dispersion gives the Poisson limit.
+    """
+    return counts * mean.log() - (counts + dispersion) * torch.log1p(mean / dispersion)
+
+
+def fit_gene_effects(counts, background, dispersion, weights, effect, steps) -> torch.Tensor:
+    """Weighted NB regression of each gene on an intercept with offset ``log background``.
+
+    ``steps`` Fisher-scoring updates of the log fold changes, from ``effect``.
+    """
+    for _ in range(steps):
+        mean = background * effect.exp()
+        score = (weights[:, None] * dispersion * (counts - mean) / (mean + dispersion)).sum(0)
+        information = _fisher_information(mean, dispersion, weights)
+        effect = (effect + score / information).clamp(-_MAX_ABS_EFFECT, _MAX_ABS_EFFECT)
+    return effect
+
+
+def select_effect_genes(counts, background, dispersion, allowed, gene_fdr):
+    """Genes whose mean shift in all of a target's cells passes Benjamini-Hochberg.
+
+    Returns ``(genes, overdispersion)``. The test compares all the target's cells with their
+    background, before any cell is weighed by its posterior: re-selecting genes on
+    posterior-weighted cells would reinforce whichever noise the first weights favoured. The
+    Wald statistics are scaled by an empirical null (Efron 2004): most genes have no effect,
+    so the spread of the bulk of the statistics measures how much more the counts vary around
+    the decoded background than the negative binomial says (the background is itself an
+    estimate). Its square is the quasi-likelihood overdispersion that tempers the likelihood
+    ratios of the mixture.
+    """
+    weights = torch.ones(counts.shape[0], dtype=counts.dtype)
+    start = torch.zeros(counts.shape[1], dtype=counts.dtype)
+    effect = fit_gene_effects(counts, background, dispersion, weights, start, _SCORING_STEPS)
+    information = _fisher_information(background * effect.exp(), dispersion, weights)
+    wald = (effect * information.sqrt()).numpy()
+    null_scale = max(1.0, stats.median_abs_deviation(wald[allowed.numpy()], scale="normal"))
+    p_values = 2.0 * stats.norm.sf(np.abs(wald) / null_scale)
+    p_values[~allowed.numpy()] = 1.0
+    return torch.from_numpy(_benjamini_hochberg(p_values, gene_fdr)), null_scale**2
+
+
+def _fisher_information(mean, dispersion, weights) -> torch.Tensor:
+    information = (weights[:, None] * mean * dispersion / (mean + dispersion)).sum(0)
+    return information.clamp(min=1e-8)
+
+
+def _benjamini_hochberg(p_values: np.ndarray, fdr: float) -> np.ndarray:
+    order = np.argsort(p_values)
+    n = len(p_values)
+    passed = p_values[order] <= fdr * np.arange(1, n + 1) / n
+    selected = np.zeros(n, dtype=bool)
+    if passed.any():
+        selected[order[: np.flatnonzero(passed).max() + 1]] = True
+    return selected
+
+
+def log_likelihood_ratio(counts, background, dispersion, effect, overdispersion=1.0):
+    """``log p(x | y = 1) - log p(x | y = 0)`` per cell, for a target's effect.
+
+    Divided by the quasi-likelihood ``overdispersion`` (see ``select_effect_genes``).
+    """
+    responded = negative_binomial_log_likelihood(counts, background * effect.exp(), dispersion)
+    escaped = negative_binomial_log_likelihood(counts, background, dispersion)
+    return (responded - escaped).sum(-1) / overdispersion
+
+
+def fit_responder_effect(counts, background, dispersion, allowed, gene_fdr):
+    """EM for one target's effect ``delta_t``, summing y out exactly; 0 off its effect genes.
+
+    Returns ``(delta_t, overdispersion)``.
+
+    Starts from "every cell responded", so that the first effect is the target's mean shift,
+    diluted by its escapers; each E-step then weighs cells by their posterior.
+    """
+    genes, overdispersion = select_effect_genes(counts, background, dispersion, allowed, gene_fdr)
+    effect = torch.zeros(counts.shape[1], dtype=counts.dtype)
+    if not genes.any():
+        return effect, overdispersion
+    counts, background = counts[:, genes], background[:, genes]
+    gene_dispersion = dispersion[genes]
+    weights = torch.ones(counts.shape[0], dtype=counts.dtype)
+    selected_effect = torch.zeros(counts.shape[1], dtype=counts.dtype)
+    for _ in range(_EM_STEPS):
+        selected_effect = fit_gene_effects(
+            counts, background, gene_dispersion, weights, selected_effect, _EM_SCORING_STEPS
+        )
+        fraction = float(weights.mean().clamp(1e-3, 1.0 - 1e-3))
+        log_ratio = log_likelihood_ratio(
+            counts, background, gene_dispersion, selected_effect, overdispersion
+        )
+        weights = torch.sigmoid(_logit(fraction) + log_ratio)
+    effect[genes] = selected_effect
+    return effect, overdispersion
+
+
+def responder_fraction(log_ratio) -> float:
+    """Maximum-likelihood pi of a two-branch mixture whose per-cell likelihood ratio is known."""
+    fraction = 0.5
+    for _ in range(_FRACTION_STEPS):
+        posterior = torch.sigmoid(_logit(fraction) + log_ratio)
+        fraction = float(posterior.mean().clamp(1e-3, 1.0 - 1e-3))
+    return fraction
+
+
+def cross_fitted_log_odds(counts, background, dispersion, allowed, gene_fdr, n_folds, rng):
+    """Posterior log odds of response for one target's cells, each from held-out effects.
+
+    ``-inf`` where the other folds show no effect gene: the target has no detectable response.
+    """
+    n_cells = counts.shape[0]
+    folds = rng.permutation(n_cells) % max(2, min(n_folds, n_cells))
+    log_odds = torch.full((n_cells,), -torch.inf, dtype=counts.dtype)
+    for fold in np.unique(folds):
+        held_out = torch.from_numpy(folds == fold)
+        effect, overdispersion = fit_responder_effect(
+            counts[~held_out], background[~held_out], dispersion, allowed, gene_fdr
+        )
+        if not effect.any():
+            continue
+        log_ratio = log_likelihood_ratio(
+            counts[held_out], background[held_out], dispersion, effect, overdispersion
+        )
+        log_odds[held_out] = _logit(responder_fraction(log_ratio)) + log_ratio
+    return log_odds
+
+
+def control_offset(counts, background, dispersion) -> torch.Tensor:
+    """Per-gene log correction ``o_g`` of the background, fitted on control cells."""
+    weights = torch.ones(counts.shape[0], dtype=counts.dtype)
+    start = torch.zeros(counts.shape[1], dtype=counts.dtype)
+    return fit_gene_effects(counts, background, dispersion, weights, start, _SCORING_STEPS)
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p) - np.log1p(-p))
