@@ -3,8 +3,9 @@
 Trains ContrastiveVAE with ``responder=True`` (plus any ``--model`` / ``--train`` options, as
 JSON) on a screen of ``benchmark_responders.SCREENS`` and prints:
 
-- the responder AUROC of P(perturbed) against the simulator's true responders (all targeting
-  cells, effect targets' cells) and the calling AUROC by salient E-distance;
+- the responder AUROC of P(perturbed) (the responder mixture on this model's background)
+  against the simulator's true responders (all targeting cells, effect targets' cells) and the
+  calling AUROC by salient E-distance;
 - the mean salient norm of controls, escapers and responders (training / held-out cells);
 - per target: its program, the learned responder fraction pi_t, the true responder fraction and
   the norm of the learned salient centre mu_t;
