@@ -180,7 +180,7 @@ def test_papalexi_responder_pseudobulk_into_pydeseq2(papalexi_outputs):
     assert result.loc["STAT1", "log_fc"] < 0
     assert result.loc["STAT1", "adj_p_value"] < 0.05
     with pytest.raises(KeyError, match="Run model.write_outputs"):
-        pc.tl.responder_pseudobulk(rna, salient_key="missing")
+        pc.tl.responder_pseudobulk(rna, responders="salient_norm", salient_key="missing")
     with pytest.raises(KeyError, match="Run model.write_outputs"):
         pc.tl.responder_pseudobulk(rna, probability_key="missing")
 
