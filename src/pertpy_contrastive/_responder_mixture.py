@@ -73,29 +73,19 @@ def select_effect_genes(counts, background, dispersion, allowed, gene_fdr):
     ratios of the mixture.
     """
     weights = torch.ones(counts.shape[0], dtype=counts.dtype)
-    start = torch.zeros(counts.shape[1], dtype=counts.dtype)
-    effect = fit_gene_effects(counts, background, dispersion, weights, start, _SCORING_STEPS)
+    effect = _unweighted_effects(counts, background, dispersion)
     information = _fisher_information(background * effect.exp(), dispersion, weights)
     wald = (effect * information.sqrt()).numpy()
     null_scale = max(1.0, stats.median_abs_deviation(wald[allowed.numpy()], scale="normal"))
     p_values = 2.0 * stats.norm.sf(np.abs(wald) / null_scale)
     p_values[~allowed.numpy()] = 1.0
-    return torch.from_numpy(_benjamini_hochberg(p_values, gene_fdr)), null_scale**2
+    selected = stats.false_discovery_control(p_values, method="bh") <= gene_fdr
+    return torch.from_numpy(selected), null_scale**2
 
 
 def _fisher_information(mean, dispersion, weights) -> torch.Tensor:
     information = (weights[:, None] * mean * dispersion / (mean + dispersion)).sum(0)
     return information.clamp(min=1e-8)
-
-
-def _benjamini_hochberg(p_values: np.ndarray, fdr: float) -> np.ndarray:
-    order = np.argsort(p_values)
-    n = len(p_values)
-    passed = p_values[order] <= fdr * np.arange(1, n + 1) / n
-    selected = np.zeros(n, dtype=bool)
-    if passed.any():
-        selected[order[: np.flatnonzero(passed).max() + 1]] = True
-    return selected
 
 
 def log_likelihood_ratio(counts, background, dispersion, effect, overdispersion=1.0):
@@ -170,6 +160,10 @@ def cross_fitted_log_odds(counts, background, dispersion, allowed, gene_fdr, n_f
 
 def control_offset(counts, background, dispersion) -> torch.Tensor:
     """Per-gene log correction ``o_g`` of the background, fitted on control cells."""
+    return _unweighted_effects(counts, background, dispersion)
+
+
+def _unweighted_effects(counts, background, dispersion) -> torch.Tensor:
     weights = torch.ones(counts.shape[0], dtype=counts.dtype)
     start = torch.zeros(counts.shape[1], dtype=counts.dtype)
     return fit_gene_effects(counts, background, dispersion, weights, start, _SCORING_STEPS)
