@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 from benchmark_calling_de import calling_auroc
 from benchmark_core import CONTROL, fit_contrastive_vae
-from benchmark_responders import SCREENS, responder_aurocs, salient_norms
+from benchmark_responders import SCREENS, latent_norms, responder_aurocs
 from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
@@ -63,7 +63,7 @@ def main():
     print(f"seconds per epoch: {seconds_per_epoch:.1f}")
     print("responder AUROC:", responder_aurocs(adata.obs, probability))
     print(f"calling AUROC: {calling_auroc(adata, salient, effect_targets):.3f}")
-    norms = salient_norms(model, adata.obs)
+    norms = latent_norms(model, adata.obs, salient)
     print("salient norm, training / held-out:", {k: np.round(v, 2) for k, v in norms.items()})
 
     module = model.module

@@ -9,7 +9,7 @@ from _helpers import CONTROL
 import pertpy_contrastive as pc
 
 OUTPUT_KEYS = {
-    "obsm": ["X_contrastive_salient", "X_contrastive_background"],
+    "obsm": ["X_contrastive_salient", "X_contrastive_background", "X_contrastive_response"],
     "layers": ["contrastive_denoised", "contrastive_effect"],
 }
 
@@ -89,6 +89,33 @@ def test_edistance_test_on_salient_latent(trained):
     assert distances[effect_targets].min() > distances[null_targets].max()
 
 
+def test_response_latent_is_salient_weighted_by_responder_probability(trained):
+    adata, model = trained
+    probability = adata.obs["contrastive_p_perturbed"].to_numpy()
+    response = adata.obsm["X_contrastive_response"]
+    np.testing.assert_allclose(
+        response, adata.obsm["X_contrastive_salient"] * probability[:, None], rtol=1e-6
+    )
+    controls = (adata.obs["perturbation"] == CONTROL).to_numpy()
+    assert (response[controls] == 0).all()
+    np.testing.assert_allclose(
+        model.get_latent_representation(kind="response"), response, rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="give_mean=True"):
+        model.get_latent_representation(kind="response", give_mean=False)
+
+
+def test_edistance_on_response_latent_separates_effect_from_null_targets(trained):
+    adata, _ = trained
+    distances = pt.tl.Distance("edistance", obsm_key="X_contrastive_response").onesided_distances(
+        adata, groupby="perturbation", selected_group=CONTROL, show_progressbar=False, n_jobs=1
+    )
+    programs = adata.uns["simulation"]["target_program"]
+    effect_targets = [t for t, p in programs.items() if p != "none"]
+    null_targets = [t for t, p in programs.items() if p == "none"]
+    assert distances[effect_targets].min() > 10 * distances[null_targets].max()
+
+
 def test_wilcoxon_on_denoised_layer(trained):
     adata, _ = trained
     subset = adata.copy()
@@ -140,6 +167,10 @@ def test_papalexi_ifn_gamma_knockouts_stand_out(papalexi_outputs):
         subset, groupby="perturbation", selected_group=CONTROL, show_progressbar=False, n_jobs=1
     )
     assert distances[IFN_GAMMA_PATHWAY].min() > distances[others].max()
+    response = pt.tl.Distance("edistance", obsm_key="X_contrastive_response").onesided_distances(
+        subset, groupby="perturbation", selected_group=CONTROL, show_progressbar=False, n_jobs=1
+    )
+    assert response[IFN_GAMMA_PATHWAY].min() > response[others].max()
 
     subset.layers["log_denoised"] = np.log1p(subset.layers["contrastive_denoised"])
     result = pt.tl.WilcoxonTest.compare_groups(
@@ -156,9 +187,7 @@ def test_papalexi_ifn_gamma_knockouts_stand_out(papalexi_outputs):
 
 def test_papalexi_responder_pseudobulk_into_pydeseq2(papalexi_outputs):
     rna = papalexi_outputs
-    # The salient-norm rule on real data; the posterior rule (the default) is tested on the
-    # simulated screen, where the true responders are known.
-    pseudobulk = pc.tl.responder_pseudobulk(rna, sample_key="replicate", responders="salient_norm")
+    pseudobulk = pc.tl.responder_pseudobulk(rna, sample_key="replicate")
     assert pseudobulk.X.dtype == np.int64 and (pseudobulk.X >= 0).all()
     controls = pseudobulk.obs["perturbation"] == CONTROL
     assert controls.sum() == 3 and (pseudobulk.obs["n_cells"] >= 10).all()

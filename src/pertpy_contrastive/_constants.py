@@ -29,4 +29,4 @@ NO_TARGET = -1
 CELL_WEIGHT_KEY = "cell_weight"
 """Minibatch key of the per-cell ELBO weight added by the paired loader."""
 
-LATENT_KINDS = ("salient", "background")
+LATENT_KINDS = ("salient", "background", "response")

@@ -172,8 +172,11 @@ class ExpressionMixin:
 
         Writes, for every cell:
 
-        - ``obsm['X_<prefix>_salient']`` and ``obsm['X_<prefix>_background']``: posterior means,
-          ready for ``pt.tl.Distance(..., obsm_key=...)`` and ``pt.tl.DistanceTest``;
+        - ``obsm['X_<prefix>_salient']`` and ``obsm['X_<prefix>_background']``: posterior means;
+        - ``obsm['X_<prefix>_response']``: the salient latent weighted by the responder
+          probability (``get_latent_representation(kind="response")``; 0 for controls, NaN rows
+          for unscored cells), to rank targets with ``pt.tl.Distance(..., obsm_key=...)``
+          (permutation tests on the salient latent: see docs/outputs.md);
         - ``layers['<prefix>_denoised']``: :meth:`get_denoised_expression`, dense float32,
           rows summing to 1e4, for ``pt.tl.WilcoxonTest`` / ``TTest.compare_groups(layer=...)``
           (log-transform it first if the test expects log data);
@@ -210,7 +213,7 @@ class ExpressionMixin:
         """
         target = self.adata if adata is None else resolve_modality(adata, modality)
         keys = {
-            "obsm": {kind: f"X_{prefix}_{kind}" for kind in ("salient", "background")},
+            "obsm": {kind: f"X_{prefix}_{kind}" for kind in ("salient", "background", "response")},
             "layers": {"denoised": f"{prefix}_denoised", "effect": f"{prefix}_effect"},
             "obs": {name: f"{prefix}_{name}" for name in ("p_perturbed", "class", "class_global")},
             "uns": {"fractions": f"{prefix}_responder_fractions"},
@@ -242,6 +245,7 @@ class ExpressionMixin:
             },
         }
         probability = self.get_responder_probability(target, seed=seed)
+        outputs["obsm"][keys["obsm"]["response"]] = latents["salient"] * probability[:, None]
         target_class, global_class = self._responder_calls(target, probability, threshold)
         outputs["obs"] = {
             keys["obs"]["p_perturbed"]: probability,

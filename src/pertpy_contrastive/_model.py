@@ -392,7 +392,7 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
         self,
         adata: AnnData | MuData | None = None,
         indices: Sequence[int] | None = None,
-        kind: Literal["salient", "background"] = "salient",
+        kind: Literal["salient", "background", "response"] = "salient",
         give_mean: bool = True,
         batch_size: int = 1024,
         modality: str = "rna",
@@ -402,6 +402,16 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
         Control cells' salient latents are their encoder output, which training pulls towards 0;
         it is not forced to 0, so it still shows whether a control looks perturbed.
 
+        ``kind="response"`` is the salient latent a cell's expression actually uses, y · s,
+        with y the responder variable: its posterior mean P(y = 1 | x) · E[s | x] (with
+        :meth:`get_responder_probability` at its defaults). A control or an escaper is decoded
+        with s = 0, so its response latent is 0 (near 0 for a likely escaper) and the noise the
+        salient encoder fits in a non-responder does not reach it. Use it to rank targets with
+        ``pt.tl.Distance``; not with ``pt.tl.DistanceTest``, which counts tied permutations as
+        below the observed distance and so calls a target that is exactly 0, like the
+        controls, significant (docs/outputs.md). Cells whose label is not a trained target get
+        NaN rows; subset to labelled cells first.
+
         Parameters
         ----------
         adata
@@ -410,7 +420,8 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
         indices
             Cells to encode; default all.
         kind
-            ``"salient"`` (perturbation-specific) or ``"background"`` (shared).
+            ``"salient"`` (perturbation-specific), ``"background"`` (shared) or ``"response"``
+            (the salient latent weighted by the responder probability; posterior mean only).
         give_mean
             Return the posterior mean; otherwise one posterior sample.
         batch_size
@@ -424,6 +435,17 @@ class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
         """
         if kind not in LATENT_KINDS:
             raise ValueError(f"kind must be one of {LATENT_KINDS}, got {kind!r}.")
+        if kind == "response":
+            if not give_mean:
+                raise ValueError(
+                    'kind="response" is a posterior mean; pass give_mean=True, or sample '
+                    'kind="salient" and get_responder_probability separately.'
+                )
+            salient = self.get_latent_representation(
+                adata, indices, "salient", batch_size=batch_size, modality=modality
+            )
+            probability = self.get_responder_probability(adata, indices, modality=modality)
+            return salient * probability[:, None]
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
         latents = []

@@ -110,9 +110,7 @@ class ResponderMixin:
             cells = np.flatnonzero((targets == index) & (groups != CellGroup.BACKGROUND))
             if len(cells) == 0:
                 continue
-            allowed = torch.as_tensor(
-                ~((adata.var_names == label) & (not use_target_gene)), dtype=torch.bool
-            )
+            allowed = torch.as_tensor(use_target_gene | (adata.var_names != label))
             log_odds[cells] = mixture.cross_fitted_log_odds(
                 _dense(counts[cells]),
                 background[cells].double() * offset.exp(),
