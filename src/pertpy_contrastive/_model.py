@@ -38,6 +38,7 @@ from ._data import (
     validate_covariates,
 )
 from ._dataloading import PairedDataSplitter
+from ._differential import DifferentialExpressionMixin
 from ._expression import ExpressionMixin, check_finite_latent
 from ._likelihoods import Likelihood
 from ._module import ContrastivePyroModule
@@ -47,7 +48,7 @@ from ._training_plan import ContrastiveTrainingPlan
 logger = logging.getLogger(__name__)
 
 
-class ContrastiveVAE(ResponderMixin, ExpressionMixin, BaseModelClass):
+class ContrastiveVAE(ResponderMixin, DifferentialExpressionMixin, ExpressionMixin, BaseModelClass):
     """Contrastive VAE for CRISPR screens, written in Pyro.
 
     Every cell has a background latent; only perturbed (target) cells use the salient latent,

@@ -55,7 +55,7 @@ def fit_gene_effects(counts, background, dispersion, weights, effect, steps) -> 
     for _ in range(steps):
         mean = background * effect.exp()
         score = (weights[:, None] * dispersion * (counts - mean) / (mean + dispersion)).sum(0)
-        information = _fisher_information(mean, dispersion, weights)
+        information = fisher_information(mean, dispersion, weights)
         effect = (effect + score / information).clamp(-_MAX_ABS_EFFECT, _MAX_ABS_EFFECT)
     return effect
 
@@ -74,7 +74,7 @@ def select_effect_genes(counts, background, dispersion, allowed, gene_fdr):
     """
     weights = torch.ones(counts.shape[0], dtype=counts.dtype)
     effect = _unweighted_effects(counts, background, dispersion)
-    information = _fisher_information(background * effect.exp(), dispersion, weights)
+    information = fisher_information(background * effect.exp(), dispersion, weights)
     wald = (effect * information.sqrt()).numpy()
     null_scale = max(1.0, stats.median_abs_deviation(wald[allowed.numpy()], scale="normal"))
     p_values = 2.0 * stats.norm.sf(np.abs(wald) / null_scale)
@@ -83,7 +83,7 @@ def select_effect_genes(counts, background, dispersion, allowed, gene_fdr):
     return torch.from_numpy(selected), null_scale**2
 
 
-def _fisher_information(mean, dispersion, weights) -> torch.Tensor:
+def fisher_information(mean, dispersion, weights) -> torch.Tensor:
     information = (weights[:, None] * mean * dispersion / (mean + dispersion)).sum(0)
     return information.clamp(min=1e-8)
 

@@ -7,6 +7,7 @@ expression outputs. The generative model of the responder variable is in ``_modu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -23,6 +24,23 @@ from ._data import resolve_modality
 
 CONTROL_CLASS = "NT"
 """Class of control cells, as in pertpy's Mixscape."""
+
+
+@dataclass(frozen=True)
+class CalibratedBackground:
+    """Cells' counts beside the background the model reads in them, calibrated on controls."""
+
+    counts: np.ndarray | sparse.spmatrix
+    background: torch.Tensor
+    """``b_ng * exp(o_g)`` of ``_responder_mixture.py``, float64."""
+    dispersion: torch.Tensor
+    groups: np.ndarray
+    targets: np.ndarray
+    controls: np.ndarray
+
+    def of_target(self, index: int) -> np.ndarray:
+        """Perturbed cells whose target has code ``index``."""
+        return np.flatnonzero((self.targets == index) & (self.groups != CellGroup.BACKGROUND))
 
 
 class ResponderMixin:
@@ -85,42 +103,58 @@ class ResponderMixin:
 
     def _responder_log_odds(self, adata, gene_fdr, n_folds, use_target_gene, seed, modality):
         """Per-cell log odds of response: ``-inf`` for controls, NaN for cells without a target."""
-        self._check_if_trained(warn=False)
-        adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
-        manager = self.get_anndata_manager(adata)
-        groups = manager.get_from_registry(GROUP_KEY).ravel()
-        targets = manager.get_from_registry(TARGET_KEY).ravel()
-        controls = np.flatnonzero(groups == CellGroup.BACKGROUND)
-        if len(controls) == 0:
-            raise ValueError(
-                "These data have no control cells, which calibrate the background of the "
-                "responder calls. Score data that include the controls of the screen."
-            )
-        counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        background = self._background_means(adata, counts)
-        dispersion = self._dispersion()
-        offset = mixture.control_offset(
-            _dense(counts[controls]), background[controls].double(), dispersion
-        )
+        adata, cells = self._calibrated_background(adata, modality)
         labels = self.adata_manager.get_state_registry(TARGET_KEY)["target_labels"]
         log_odds = np.full(adata.n_obs, np.nan)
-        log_odds[controls] = -np.inf
+        log_odds[cells.controls] = -np.inf
         rng = np.random.default_rng(seed)
         for index, label in enumerate(labels):
-            cells = np.flatnonzero((targets == index) & (groups != CellGroup.BACKGROUND))
-            if len(cells) == 0:
+            members = cells.of_target(index)
+            if len(members) == 0:
                 continue
             allowed = torch.as_tensor(use_target_gene | (adata.var_names != label))
-            log_odds[cells] = mixture.cross_fitted_log_odds(
-                _dense(counts[cells]),
-                background[cells].double() * offset.exp(),
-                dispersion,
+            log_odds[members] = mixture.cross_fitted_log_odds(
+                dense_counts(cells.counts[members]),
+                cells.background[members],
+                cells.dispersion,
                 allowed,
                 gene_fdr,
                 n_folds,
                 rng,
             ).numpy()
         return log_odds
+
+    def _calibrated_background(self, adata, modality) -> tuple[AnnData, CalibratedBackground]:
+        """Validate ``adata``; return it and its counts beside their calibrated background.
+
+        Shared by the responder calls and the differential expression: both compare a target's
+        cells with the expression the model reads as their background.
+        """
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
+        manager = self.get_anndata_manager(adata)
+        groups = manager.get_from_registry(GROUP_KEY).ravel()
+        controls = np.flatnonzero(groups == CellGroup.BACKGROUND)
+        if len(controls) == 0:
+            raise ValueError(
+                "These data have no control cells, which calibrate the background of the "
+                "responder calls and the differential expression. Use data that include the "
+                "controls of the screen."
+            )
+        counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        background = self._background_means(adata, counts).double()
+        dispersion = self._dispersion()
+        offset = mixture.control_offset(
+            dense_counts(counts[controls]), background[controls], dispersion
+        )
+        return adata, CalibratedBackground(
+            counts=counts,
+            background=background * offset.exp(),
+            dispersion=dispersion,
+            groups=groups,
+            targets=manager.get_from_registry(TARGET_KEY).ravel(),
+            controls=controls,
+        )
 
     @torch.inference_mode()
     def _background_means(self, adata, counts) -> torch.Tensor:
@@ -238,7 +272,7 @@ class ResponderMixin:
         return summary[columns]
 
 
-def _dense(counts) -> torch.Tensor:
+def dense_counts(counts) -> torch.Tensor:
     return torch.as_tensor(
         counts.toarray() if sparse.issparse(counts) else np.asarray(counts), dtype=torch.float64
     )

@@ -1,0 +1,106 @@
+"""Model-based differential expression: responders against their own background."""
+
+import numpy as np
+import pytest
+from _helpers import CONTROL
+from scipy import stats
+
+from pertpy_contrastive._differential import _adaptive_shrinkage, _mixture_quantile
+
+COLUMNS = [
+    "lfc_mean",
+    "lfc_std",
+    "lfc_ci_low",
+    "lfc_ci_high",
+    "proba_de",
+    "proba_not_de",
+    "bayes_factor",
+    "is_de_fdr_0.05",
+    "p_value",
+    "p_value_adj",
+    "raw_mean1",
+    "raw_mean2",
+    "n_cells1",
+    "n_responders",
+    "delta",
+    "group1",
+    "group2",
+    "comparison",
+]
+
+
+@pytest.fixture(scope="module")
+def de_tables(trained):
+    _, model = trained
+    return model.differential_expression(), model.differential_expression(responders_only=False)
+
+
+def _true_genes(adata, target):
+    program = adata.uns["simulation"]["target_program"][target]
+    return {*adata.var_names[adata.var["program"] == program], target}
+
+
+def test_de_recovers_each_program_at_its_fdr(trained, de_tables):
+    adata, _ = trained
+    de, _ = de_tables
+    assert set(COLUMNS) <= set(de.columns)
+    for target, program in adata.uns["simulation"]["target_program"].items():
+        if program == "none":
+            continue
+        table = de[de["group1"] == target]
+        assert len(table) == adata.n_vars and (table.index == adata.var_names).all()
+        called = set(table.index[table["is_de_fdr_0.05"]])
+        truth = _true_genes(adata, target)
+        assert len(called & truth) >= 0.9 * len(truth)
+        assert len(called - truth) <= 0.1 * len(called)
+        assert (table["lfc_ci_low"] <= table["lfc_ci_high"]).all()
+        # A gene whose posterior is mostly the point mass at 0 has the interval [0, 0] while its
+        # mean is slightly off 0; a called gene's interval holds its mean.
+        changed = table.loc[table["is_de_fdr_0.05"]]
+        assert (
+            (changed["lfc_ci_low"] <= changed["lfc_mean"])
+            & (changed["lfc_mean"] <= changed["lfc_ci_high"])
+        ).all()
+
+
+def test_de_null_targets_find_nothing_and_their_p_values_are_uniform(trained, de_tables):
+    adata, _ = trained
+    de, de_all_cells = de_tables
+    null_targets = [t for t, p in adata.uns["simulation"]["target_program"].items() if p == "none"]
+    for target in null_targets:
+        assert not de.loc[de["group1"] == target, "is_de_fdr_0.05"].any()
+        # Every cell counts: the Wald test of all the target's cells against their background.
+        table = de_all_cells[(de_all_cells["group1"] == target) & (de_all_cells.index != target)]
+        assert 0.0 < (table["p_value"] < 0.05).mean() < 0.12
+        assert stats.kstest(table["p_value"], "uniform").pvalue > 1e-3
+
+
+def test_de_refuses_other_references_and_unknown_targets(trained):
+    _, model = trained
+    with pytest.raises(ValueError, match="own background"):
+        model.differential_expression(group1="T02", group2="T03")
+    with pytest.raises(ValueError, match="not trained targets"):
+        model.differential_expression(group1="NOPE")
+    table = model.differential_expression(group1="T02", group2=CONTROL)
+    assert (table["group1"] == "T02").all() and (table["comparison"] == f"T02 vs {CONTROL}").all()
+
+
+def test_mixture_quantile_of_one_normal_is_the_normal_quantile():
+    mean, sd = np.array([[0.3]]), np.array([[0.2]])
+    for level in (0.025, 0.5, 0.975):
+        quantile = _mixture_quantile(np.ones((1, 1)), mean, sd, level)
+        np.testing.assert_allclose(quantile, stats.norm.ppf(level, 0.3, 0.2), atol=1e-6)
+
+
+def test_adaptive_shrinkage_keeps_null_genes_below_their_change_probability():
+    rng = np.random.default_rng(0)
+    n_null, n_changed = 900, 100
+    truth = np.r_[np.zeros(n_null), rng.choice([-1.0, 1.0], n_changed)]
+    standard_error = np.full(len(truth), 0.2)
+    estimate = truth + rng.normal(0.0, standard_error)
+    mean, sd, proba_de, low, high = _adaptive_shrinkage(estimate, standard_error, delta=0.25)
+    assert proba_de[:n_null].mean() < 0.05 and proba_de[n_null:].mean() > 0.9
+    assert np.abs(mean[:n_null]).mean() < np.abs(estimate[:n_null]).mean()
+    assert (sd > 0).all()
+    # The 95% intervals cover the truth about 95% of the time.
+    assert 0.9 < ((low <= truth) & (truth <= high)).mean() <= 1.0
