@@ -116,6 +116,25 @@ def test_edistance_on_response_latent_separates_effect_from_null_targets(trained
     assert distances[effect_targets].min() > 10 * distances[null_targets].max()
 
 
+def test_tie_safe_distance_test_on_response_latent(trained):
+    adata, _ = trained
+    programs = adata.uns["simulation"]["target_program"]
+    effect_targets = [t for t, p in programs.items() if p != "none"]
+    null_targets = [t for t, p in programs.items() if p == "none"]
+    table = pc.tl.distance_test(adata, contrast=CONTROL, n_perms=200)
+    assert table.loc[effect_targets, "significant_adj"].all()
+    # pertpy's own test, on the same latent, calls an all-zero null target significant.
+    pertpy_table = pt.tl.DistanceTest("edistance", n_perms=200, obsm_key="X_contrastive_response")(
+        adata, groupby="perturbation", contrast=CONTROL, show_progressbar=False
+    )
+    all_zero = table.index[(table["distance"] == 0) & (table.index != CONTROL)]
+    assert set(all_zero) <= set(null_targets) and len(all_zero) > 0
+    assert (pertpy_table.loc[all_zero, "pvalue"] < 0.05).all()
+    assert (table.loc[all_zero, "pvalue"] == 1).all() and not table.loc[
+        all_zero, "significant_adj"
+    ].any()
+
+
 def test_wilcoxon_on_denoised_layer(trained):
     adata, _ = trained
     subset = adata.copy()

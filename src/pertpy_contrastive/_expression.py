@@ -175,8 +175,8 @@ class ExpressionMixin:
         - ``obsm['X_<prefix>_salient']`` and ``obsm['X_<prefix>_background']``: posterior means;
         - ``obsm['X_<prefix>_response']``: the salient latent weighted by the responder
           probability (``get_latent_representation(kind="response")``; 0 for controls, NaN rows
-          for unscored cells), to rank targets with ``pt.tl.Distance(..., obsm_key=...)``
-          (permutation tests on the salient latent: see docs/outputs.md);
+          for unscored cells), to rank targets with ``pt.tl.Distance(..., obsm_key=...)`` and
+          test them with :func:`pertpy_contrastive.tl.distance_test`;
         - ``layers['<prefix>_denoised']``: :meth:`get_denoised_expression`, dense float32,
           rows summing to 1e4, for ``pt.tl.WilcoxonTest`` / ``TTest.compare_groups(layer=...)``
           (log-transform it first if the test expects log data);

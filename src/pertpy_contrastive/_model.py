@@ -408,9 +408,9 @@ class ContrastiveVAE(ResponderMixin, DifferentialExpressionMixin, ExpressionMixi
         :meth:`get_responder_probability` at its defaults). A control or an escaper is decoded
         with s = 0, so its response latent is 0 (near 0 for a likely escaper) and the noise the
         salient encoder fits in a non-responder does not reach it. Use it to rank targets with
-        ``pt.tl.Distance``; not with ``pt.tl.DistanceTest``, which counts tied permutations as
-        below the observed distance and so calls a target that is exactly 0, like the
-        controls, significant (docs/outputs.md). Cells whose label is not a trained target get
+        ``pt.tl.Distance`` and test them with :func:`pertpy_contrastive.tl.distance_test`;
+        ``pt.tl.DistanceTest`` counts tied permutations as below the observed distance and so
+        calls a target that is exactly 0, like the controls, significant (docs/outputs.md). Cells whose label is not a trained target get
         NaN rows; subset to labelled cells first.
 
         Parameters

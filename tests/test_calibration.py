@@ -1,0 +1,85 @@
+"""The negative-control calibration check: control guides trained as null pseudo-targets."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+from _helpers import CONTROL
+
+import pertpy_contrastive as pc
+
+
+@pytest.fixture(scope="module")
+def screen_with_control_guides():
+    adata = pc.datasets.simulate_screen(
+        n_cells=1200, n_genes=150, n_targets=4, n_programs=2, n_null_targets=1, seed=5
+    )
+    rng = np.random.default_rng(0)
+    labels = adata.obs["perturbation"].astype(str).to_numpy()
+    guide_number = rng.integers(1, 7, adata.n_obs)
+    adata.obs["guide"] = [f"{label}_g{n}" for label, n in zip(labels, guide_number, strict=True)]
+    return adata
+
+
+@pytest.fixture(scope="module")
+def check(screen_with_control_guides):
+    before = screen_with_control_guides.copy()
+    result = pc.tl.calibration_check(
+        screen_with_control_guides,
+        guide_key="guide",
+        control=CONTROL,
+        batch_key="batch",
+        train_kwargs={"max_epochs": 40, "batch_size": 64, "early_stopping": False},
+        n_perms=200,
+    )
+    screen_with_control_guides.uns["before_check"] = before
+    return result
+
+
+def test_calibration_check_reports_each_check_and_leaves_data_alone(
+    screen_with_control_guides, check
+):
+    adata = screen_with_control_guides
+    before = adata.uns["before_check"]
+    assert adata.obs.equals(before.obs) and (adata.X != before.X).nnz == 0
+    assert set(adata.uns) == {*before.uns, "before_check"}
+    assert set(adata.obsm) == set(before.obsm) and set(adata.layers) == set(before.layers)
+    summary = check.summary
+    assert {"check", "level", "observed", "n"} <= set(summary.columns)
+    assert summary["observed"].between(0, 1).all()
+    # Six control guides: three become pseudo-targets.
+    distance = check.p_values[check.p_values["test"] == "DistanceTest, salient latent"]
+    assert len(distance) == 3 and distance["pseudo_target"].str.startswith("pseudo:").all()
+    response = check.p_values[check.p_values["test"] == "distance_test, response latent"]
+    assert list(response["pseudo_target"]) == list(distance["pseudo_target"])
+    de = check.p_values[check.p_values["test"] == "differential_expression"]
+    assert len(de) == 3 * adata.n_vars and de["p_value"].between(0, 1).all()
+    assert (
+        len(check.responder_probability)
+        == (adata.obs["guide"].isin(distance["pseudo_target"].str.removeprefix("pseudo:"))).sum()
+    )
+
+
+def test_null_pseudo_targets_hold_their_levels(check):
+    summary = check.summary.set_index(["check", "level"])["observed"]
+    assert summary[("differential_expression: p-values below level", 0.05)] < 0.1
+    assert summary[("responders: pseudo-target cells called KO", 0.0)] < 0.05
+    # No pseudo-target has a responder here, so its response latent is 0, like the controls'.
+    assert summary[("distance_test, response latent: p-values below level", 0.05)] == 0
+
+
+def test_qq_plot_returns_a_figure(check, tmp_path):
+    figure = check.plot_qq(return_fig=True, save=tmp_path / "qq.png")
+    assert (tmp_path / "qq.png").stat().st_size > 0
+    assert len(figure.axes[0].lines) == 4  # three tests and the diagonal
+
+
+def test_calibration_check_needs_a_control_guide_left(screen_with_control_guides):
+    with pytest.raises(ValueError, match="n_pseudo_targets"):
+        pc.tl.calibration_check(
+            screen_with_control_guides, guide_key="guide", control=CONTROL, n_pseudo_targets=6
+        )
+    with pytest.raises(KeyError, match="guide_key"):
+        pc.tl.calibration_check(screen_with_control_guides, guide_key="missing", control=CONTROL)
