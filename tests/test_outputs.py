@@ -169,11 +169,11 @@ def papalexi_outputs():
     )
     model = pc.ContrastiveVAE(mdata)
     model.train(max_epochs=100, enable_progress_bar=False)
-    return model.write_outputs(mdata)
+    return model.write_outputs(mdata), model
 
 
 def test_papalexi_ifn_gamma_knockouts_stand_out(papalexi_outputs):
-    rna = papalexi_outputs
+    rna, _ = papalexi_outputs
     others = ["CD86", "MYC", "SMAD4", "ATF2"]
     subset = rna[rna.obs["perturbation"].isin([CONTROL, *IFN_GAMMA_PATHWAY, *others])].copy()
     subset.obs["perturbation"] = subset.obs["perturbation"].astype(str)
@@ -205,7 +205,7 @@ def test_papalexi_ifn_gamma_knockouts_stand_out(papalexi_outputs):
 
 
 def test_papalexi_responder_pseudobulk_into_pydeseq2(papalexi_outputs):
-    rna = papalexi_outputs
+    rna, _ = papalexi_outputs
     pseudobulk = pc.tl.responder_pseudobulk(rna, sample_key="replicate")
     assert pseudobulk.X.dtype == np.int64 and (pseudobulk.X >= 0).all()
     controls = pseudobulk.obs["perturbation"] == CONTROL
@@ -248,3 +248,13 @@ def test_simulated_responder_pseudobulk_into_pydeseq2(trained):
     program_genes = adata.var_names[adata.var["program"] == "P0"]
     top = result.sort_values("p_value").index[: len(program_genes)]
     assert len(set(top) & set(program_genes)) / len(program_genes) > 0.6
+
+
+def test_papalexi_model_de_finds_the_knockouts_own_gene(papalexi_outputs):
+    _, model = papalexi_outputs
+    de = model.differential_expression(group1=["STAT1", "JAK2", "CD86"])
+    for knockout in ("STAT1", "JAK2"):
+        own = de[de["group1"] == knockout].loc[knockout]
+        assert own["lfc_mean"] < 0 and own["is_de_fdr_0.05"] and own["p_value_adj"] < 0.05
+    # CD86 has no detectable responders on this subset: nothing is flagged.
+    assert not de.loc[de["group1"] == "CD86", "is_de_fdr_0.05"].any()
