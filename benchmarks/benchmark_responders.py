@@ -49,6 +49,7 @@ from benchmark_core import (
 from sklearn.metrics import roc_auc_score
 
 import pertpy_contrastive as pc
+from pertpy_contrastive._responders import response_latent
 
 SCREENS = {
     "calling": {"n_targets": 24, "n_null_targets": 8, "effect_size": 0.4},
@@ -173,7 +174,7 @@ def main():
             rows["ours_all"].append(aurocs["all targeting"])
             rows["ours_effect"].append(aurocs["effect targets"])
             salient = model.get_latent_representation(kind="salient")
-            response = salient * probability[:, None]
+            response = response_latent(salient, probability)
             rows["calling_ours"].append(calling_auroc(adata, response, effect_targets))
             rows["calling_salient"].append(calling_auroc(adata, salient, effect_targets))
             fractions = model.get_responder_fractions(probability=probability)

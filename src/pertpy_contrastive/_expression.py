@@ -14,6 +14,7 @@ from mudata import MuData
 
 from ._constants import GROUP_KEY, CellGroup
 from ._data import resolve_modality
+from ._responders import response_latent
 
 # Cell-reference pairs decoded at once: bounds memory at about this many x n_genes floats.
 _PAIRS_PER_CHUNK = 8_192
@@ -245,7 +246,7 @@ class ExpressionMixin:
             },
         }
         probability = self.get_responder_probability(target, seed=seed)
-        outputs["obsm"][keys["obsm"]["response"]] = latents["salient"] * probability[:, None]
+        outputs["obsm"][keys["obsm"]["response"]] = response_latent(latents["salient"], probability)
         target_class, global_class = self._responder_calls(target, probability, threshold)
         outputs["obs"] = {
             keys["obs"]["p_perturbed"]: probability,

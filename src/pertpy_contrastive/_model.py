@@ -42,7 +42,7 @@ from ._differential import DifferentialExpressionMixin
 from ._expression import ExpressionMixin, check_finite_latent
 from ._likelihoods import Likelihood
 from ._module import ContrastivePyroModule
-from ._responders import ResponderMixin
+from ._responders import ResponderMixin, response_latent
 from ._training_plan import ContrastiveTrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -410,8 +410,8 @@ class ContrastiveVAE(ResponderMixin, DifferentialExpressionMixin, ExpressionMixi
         salient encoder fits in a non-responder does not reach it. Use it to rank targets with
         ``pt.tl.Distance`` and test them with :func:`pertpy_contrastive.tl.distance_test`;
         ``pt.tl.DistanceTest`` counts tied permutations as below the observed distance and so
-        calls a target that is exactly 0, like the controls, significant (docs/outputs.md). Cells whose label is not a trained target get
-        NaN rows; subset to labelled cells first.
+        calls a target that is exactly 0, like the controls, significant (docs/outputs.md).
+        Cells whose label is not a trained target get NaN rows; subset to labelled cells first.
 
         Parameters
         ----------
@@ -446,7 +446,7 @@ class ContrastiveVAE(ResponderMixin, DifferentialExpressionMixin, ExpressionMixi
                 adata, indices, "salient", batch_size=batch_size, modality=modality
             )
             probability = self.get_responder_probability(adata, indices, modality=modality)
-            return salient * probability[:, None]
+            return response_latent(salient, probability)
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
         latents = []

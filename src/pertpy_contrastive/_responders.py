@@ -272,6 +272,11 @@ class ResponderMixin:
         return summary[columns]
 
 
+def response_latent(salient: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """Posterior mean of y * s: the salient latent weighted by the responder probability."""
+    return salient * probability[:, None]
+
+
 def dense_counts(counts) -> torch.Tensor:
     return torch.as_tensor(
         counts.toarray() if sparse.issparse(counts) else np.asarray(counts), dtype=torch.float64

@@ -18,6 +18,7 @@ from anndata import AnnData
 from scipy import stats
 
 from .._model import ContrastiveVAE
+from .._responders import response_latent
 from ._distance import distance_test
 
 PSEUDO_PREFIX = "pseudo:"
@@ -186,7 +187,7 @@ def calibration_check(
     probability = model.get_responder_probability()
     salient = model.get_latent_representation(kind="salient")
     data.obsm["X_salient"] = salient
-    data.obsm["X_response"] = salient * probability[:, None]
+    data.obsm["X_response"] = response_latent(salient, probability)
     tested = data[data.obs[perturbation_key].isin([control, *pseudo_labels])].copy()
     tested.obs[perturbation_key] = tested.obs[perturbation_key].astype(str)
     distance_p_values = {
