@@ -81,6 +81,8 @@ def test_de_refuses_other_references_and_unknown_targets(trained):
         model.differential_expression(group1="T02", group2="T03")
     with pytest.raises(ValueError, match="not trained targets"):
         model.differential_expression(group1="NOPE")
+    with pytest.raises(ValueError, match="probability has 3 values"):
+        model.differential_expression(group1="T02", probability=np.ones(3))
     table = model.differential_expression(group1="T02", group2=CONTROL)
     assert (table["group1"] == "T02").all() and (table["comparison"] == f"T02 vs {CONTROL}").all()
 

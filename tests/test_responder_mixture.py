@@ -103,3 +103,18 @@ def test_disallowed_genes_never_enter_the_effect():
     allowed[:N_EFFECT_GENES] = False
     effect, _ = mixture.fit_responder_effect(counts, background, dispersion, allowed, 0.05)
     assert (effect[:N_EFFECT_GENES] == 0).all()
+
+
+def test_null_targets_get_called_cells_at_most_at_the_gene_fdr():
+    """The target-level gate: under the global null, any cell is called in at most ~gene_fdr
+    of the targets, not once per fold's chance of a spurious gene."""
+    allowed = torch.ones(N_GENES, dtype=torch.bool)
+    n_targets, with_calls = 60, 0
+    for seed in range(n_targets):
+        counts, background, dispersion, _ = _planted(0.0, seed=seed)
+        log_odds = mixture.cross_fitted_log_odds(
+            counts, background, dispersion, allowed, 0.05, 5, np.random.default_rng(seed)
+        )
+        with_calls += bool((log_odds > -torch.inf).any())
+    # Binomial(60, 0.05): 8 or more has probability below 0.01.
+    assert with_calls <= 7

@@ -9,9 +9,10 @@ variation (cell cycle, subclones, depth, batch) leaves the comparison instead of
 to it, and escapers do not dilute it.
 
 Uncertainty is the regression's Wald standard error plus that of the control-fitted offset,
-scaled by an empirical null over the target's genes, as in the responder calls (the counts vary
-around a decoded background more than the negative binomial says). The Wald p-values test
-LFC = 0.
+scaled by an empirical null over the target's genes (the counts vary around a decoded
+background more than the negative binomial says). The Wald p-values test LFC = 0. It is the
+test with which the responder calls decide whether a target responded at all
+(``_responder_mixture.mean_shift_wald_test``).
 
 The posterior of each gene's LFC uses a prior fitted across the target's genes (adaptive
 shrinkage, Stephens 2017): a mixture of a point mass at 0 and centred normals on a grid of
@@ -137,6 +138,12 @@ class DifferentialExpressionMixin:
             tested = requested
         if responders_only and probability is None:
             probability = self.get_responder_probability(adata)
+        elif responders_only and len(probability) != adata.n_obs:
+            raise ValueError(
+                f"probability has {len(probability)} values for {adata.n_obs} cells. Pass the "
+                "responder probabilities of these cells, get_responder_probability(adata), or "
+                "leave probability unset."
+            )
         control_counts = dense_counts(cells.counts[cells.controls])
         control_information = mixture.fisher_information(
             cells.background[cells.controls],
@@ -198,18 +205,13 @@ def _gene_effect_table(
         counts, background, dispersion, weights, start, _SCORING_STEPS
     )
     information = mixture.fisher_information(background * effect.exp(), dispersion, weights)
-    standard_error = (1.0 / information + 1.0 / control_information).sqrt().numpy()
-    # The background is decoded at the cell's observed depth, which a responder's effect genes
-    # inflate (or deflate): every other gene then looks shifted by the same amount. As with
-    # DESeq2's median-of-ratios, most genes are taken to be unchanged, and their median
-    # effect, that compositional shift, is removed.
-    effect = effect.numpy()
-    effect = effect - np.median(effect)
-    wald = effect / standard_error
-    # Empirical null (Efron 2004), as in the responder calls' gene selection.
-    standard_error = standard_error * max(1.0, stats.median_abs_deviation(wald, scale="normal"))
+    effect, standard_error, p_value, _ = mixture.mean_shift_wald_test(
+        effect.numpy(),
+        information.numpy(),
+        control_information.numpy(),
+        np.ones(n_genes, dtype=bool),
+    )
     estimate, standard_error = effect / np.log(2.0), standard_error / np.log(2.0)
-    p_value = 2.0 * stats.norm.sf(np.abs(estimate) / standard_error)
     lfc_mean, lfc_std, proba_de, ci_low, ci_high = _adaptive_shrinkage(
         estimate, standard_error, delta
     )

@@ -26,6 +26,7 @@ from scvi.model.base import BaseModelClass
 from scvi.model.base._save_load import _load_saved_files
 from scvi.train import TrainRunner
 
+from ._calling import CallingMixin
 from ._constants import GROUP_KEY, LATENT_KINDS, TARGET_KEY, CellGroup
 from ._data import (
     PerturbationGroupField,
@@ -48,7 +49,9 @@ from ._training_plan import ContrastiveTrainingPlan
 logger = logging.getLogger(__name__)
 
 
-class ContrastiveVAE(ResponderMixin, DifferentialExpressionMixin, ExpressionMixin, BaseModelClass):
+class ContrastiveVAE(
+    CallingMixin, ResponderMixin, DifferentialExpressionMixin, ExpressionMixin, BaseModelClass
+):
     """Contrastive VAE for CRISPR screens, written in Pyro.
 
     Every cell has a background latent; only perturbed (target) cells use the salient latent,
@@ -408,10 +411,10 @@ class ContrastiveVAE(ResponderMixin, DifferentialExpressionMixin, ExpressionMixi
         :meth:`get_responder_probability` at its defaults). A control or an escaper is decoded
         with s = 0, so its response latent is 0 (near 0 for a likely escaper) and the noise the
         salient encoder fits in a non-responder does not reach it. Use it to rank targets with
-        ``pt.tl.Distance`` and test them with :func:`pertpy_contrastive.tl.distance_test`;
-        ``pt.tl.DistanceTest`` counts tied permutations as below the observed distance and so
-        calls a target that is exactly 0, like the controls, significant (docs/outputs.md).
-        Cells whose label is not a trained target get NaN rows; subset to labelled cells first.
+        ``pt.tl.Distance``. Its permutation p-values are not calibrated (a control is 0 by
+        construction, so controls and a target's cells are not exchangeable): test targets
+        with :meth:`distance_test`, on held-out cells. Cells whose label is not a trained
+        target get NaN rows; subset to labelled cells first.
 
         Parameters
         ----------

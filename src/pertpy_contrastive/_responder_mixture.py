@@ -60,27 +60,61 @@ def fit_gene_effects(counts, background, dispersion, weights, effect, steps) -> 
     return effect
 
 
-def select_effect_genes(counts, background, dispersion, allowed, gene_fdr):
+def select_effect_genes(
+    counts, background, dispersion, allowed, gene_fdr, control_information=None
+):
     """Genes whose mean shift in all of a target's cells passes Benjamini-Hochberg.
 
-    Returns ``(genes, overdispersion)``. The test compares all the target's cells with their
-    background, before any cell is weighed by its posterior: re-selecting genes on
-    posterior-weighted cells would reinforce whichever noise the first weights favoured. The
-    Wald statistics are scaled by an empirical null (Efron 2004): most genes have no effect,
-    so the spread of the bulk of the statistics measures how much more the counts vary around
-    the decoded background than the negative binomial says (the background is itself an
-    estimate). Its square is the quasi-likelihood overdispersion that tempers the likelihood
-    ratios of the mixture.
+    Returns ``(genes, overdispersion)``. The test (:func:`mean_shift_wald_test`) compares all
+    the target's cells with their background, before any cell is weighed by its posterior:
+    re-selecting genes on posterior-weighted cells would reinforce whichever noise the first
+    weights favoured. It is the test of the unweighted ``differential_expression``, so a
+    target's cells are called only if that test finds a gene. The square of its empirical-null
+    scale is the quasi-likelihood overdispersion that tempers the likelihood ratios of the
+    mixture.
     """
     weights = torch.ones(counts.shape[0], dtype=counts.dtype)
     effect = _unweighted_effects(counts, background, dispersion)
     information = fisher_information(background * effect.exp(), dispersion, weights)
-    wald = (effect * information.sqrt()).numpy()
-    null_scale = max(1.0, stats.median_abs_deviation(wald[allowed.numpy()], scale="normal"))
-    p_values = 2.0 * stats.norm.sf(np.abs(wald) / null_scale)
-    p_values[~allowed.numpy()] = 1.0
+    if control_information is not None:
+        control_information = control_information.numpy()
+    _, _, p_values, null_scale = mean_shift_wald_test(
+        effect.numpy(), information.numpy(), control_information, allowed.numpy()
+    )
     selected = stats.false_discovery_control(p_values, method="bh") <= gene_fdr
     return torch.from_numpy(selected), null_scale**2
+
+
+def mean_shift_wald_test(effect, information, control_information, allowed):
+    """Wald test of each gene's log fold change against the cells' background (natural log).
+
+    Returns ``(effect, standard_error, p_values, null_scale)``; genes outside ``allowed`` get
+    p = 1 and do not enter the two corrections below.
+
+    - The background is decoded at the cell's observed depth, which a responder's effect genes
+      inflate (or deflate): every other gene then looks shifted by the same amount. As with
+      DESeq2's median-of-ratios, most genes are taken to be unchanged, and their median effect,
+      that compositional shift, is removed.
+    - The background carries the control-fitted offset ``o_g``; its variance
+      (``1 / control_information``) enters the standard error. A gene nearly absent from the
+      controls has an uncertain offset, and a few counts in a small target would otherwise
+      look like a strong effect (a false hit of a non-targeting pseudo-target on Papalexi).
+    - Empirical null (Efron 2004): most genes have no effect, so the spread of the bulk of the
+      statistics measures how much more the counts vary around the decoded background than
+      the negative binomial says (the background is itself an estimate). The standard errors
+      are scaled by it (never shrunk).
+    """
+    variance = 1.0 / information
+    if control_information is not None:
+        variance = variance + 1.0 / control_information
+    standard_error = np.sqrt(variance)
+    effect = effect - np.median(effect[allowed])
+    wald = effect / standard_error
+    null_scale = max(1.0, stats.median_abs_deviation(wald[allowed], scale="normal"))
+    standard_error = standard_error * null_scale
+    p_values = 2.0 * stats.norm.sf(np.abs(effect) / standard_error)
+    p_values[~allowed] = 1.0
+    return effect, standard_error, p_values, null_scale
 
 
 def fisher_information(mean, dispersion, weights) -> torch.Tensor:
@@ -98,7 +132,9 @@ def log_likelihood_ratio(counts, background, dispersion, effect, overdispersion=
     return (responded - escaped).sum(-1) / overdispersion
 
 
-def fit_responder_effect(counts, background, dispersion, allowed, gene_fdr):
+def fit_responder_effect(
+    counts, background, dispersion, allowed, gene_fdr, control_information=None
+):
     """EM for one target's effect ``delta_t``, summing y out exactly; 0 off its effect genes.
 
     Returns ``(delta_t, overdispersion)``.
@@ -106,7 +142,9 @@ def fit_responder_effect(counts, background, dispersion, allowed, gene_fdr):
     Starts from "every cell responded", so that the first effect is the target's mean shift,
     diluted by its escapers; each E-step then weighs cells by their posterior.
     """
-    genes, overdispersion = select_effect_genes(counts, background, dispersion, allowed, gene_fdr)
+    genes, overdispersion = select_effect_genes(
+        counts, background, dispersion, allowed, gene_fdr, control_information
+    )
     effect = torch.zeros(counts.shape[1], dtype=counts.dtype)
     if not genes.any():
         return effect, overdispersion
@@ -136,18 +174,35 @@ def responder_fraction(log_ratio) -> float:
     return fraction
 
 
-def cross_fitted_log_odds(counts, background, dispersion, allowed, gene_fdr, n_folds, rng):
+def cross_fitted_log_odds(
+    counts, background, dispersion, allowed, gene_fdr, n_folds, rng, control_information=None
+):
     """Posterior log odds of response for one target's cells, each from held-out effects.
 
-    ``-inf`` where the other folds show no effect gene: the target has no detectable response.
+    ``-inf`` where the other folds show no effect gene, and for every cell of a target whose
+    cells, all together, show none: the target has no detectable response. That target-level
+    gate is one Benjamini-Hochberg test, which under the global null finds a gene with
+    probability at most ``gene_fdr``; without it each fold's selection is another chance, and a
+    null target gets called cells about ``n_folds`` times as often (negative controls,
+    docs/benchmark_papalexi_calibration.md).
     """
     n_cells = counts.shape[0]
     folds = rng.permutation(n_cells) % max(2, min(n_folds, n_cells))
     log_odds = torch.full((n_cells,), -torch.inf, dtype=counts.dtype)
+    responding_genes, _ = select_effect_genes(
+        counts, background, dispersion, allowed, gene_fdr, control_information
+    )
+    if not responding_genes.any():
+        return log_odds
     for fold in np.unique(folds):
         held_out = torch.from_numpy(folds == fold)
         effect, overdispersion = fit_responder_effect(
-            counts[~held_out], background[~held_out], dispersion, allowed, gene_fdr
+            counts[~held_out],
+            background[~held_out],
+            dispersion,
+            allowed,
+            gene_fdr,
+            control_information,
         )
         if not effect.any():
             continue

@@ -108,6 +108,11 @@ class ResponderMixin:
         log_odds = np.full(adata.n_obs, np.nan)
         log_odds[cells.controls] = -np.inf
         rng = np.random.default_rng(seed)
+        control_information = mixture.fisher_information(
+            cells.background[cells.controls],
+            cells.dispersion,
+            torch.ones(len(cells.controls), dtype=torch.float64),
+        )
         for index, label in enumerate(labels):
             members = cells.of_target(index)
             if len(members) == 0:
@@ -121,6 +126,7 @@ class ResponderMixin:
                 gene_fdr,
                 n_folds,
                 rng,
+                control_information,
             ).numpy()
         return log_odds
 

@@ -34,6 +34,9 @@ class CalibrationCheck:
     """Every p-value of the pseudo-targets: ``test``, ``pseudo_target``, ``gene``, ``p_value``."""
     responder_probability: pd.Series
     """P(perturbed) of each pseudo-target cell, indexed by cell."""
+    targets: pd.DataFrame
+    """The real targets' held-out distance test (:meth:`ContrastiveVAE.distance_test`), to
+    check that they are still found; empty with ``keep_targets=False``."""
 
     def plot_qq(self, *, return_fig: bool = False, save: str | None = None):
         """QQ plot of the pseudo-targets' p-values against the uniform, one line per test.
@@ -99,8 +102,12 @@ def calibration_check(
     :class:`~pertpy_contrastive.ContrastiveVAE` is set up and trained on a copy (``adata`` is
     not changed), then the whole pipeline runs on the pseudo-targets:
 
+    - ``"distance_test, held-out cells"``:
+      :meth:`~pertpy_contrastive.ContrastiveVAE.distance_test`, the E-distance permutation test
+      on the salient latent of the validation cells, the test to call targets with;
     - ``"DistanceTest, salient latent"``: ``pt.tl.DistanceTest("edistance")`` on the salient
-      latent, each pseudo-target against the controls;
+      latent of every cell, training cells included, for reference: the encoder fitted those
+      cells, so this one is not calibrated;
     - ``"distance_test, response latent"``: :func:`~pertpy_contrastive.tl.distance_test` on
       the response latent (``get_latent_representation(kind="response")``);
     - ``"differential_expression"``: the Wald p-values of
@@ -143,8 +150,8 @@ def calibration_check(
 
     Returns
     -------
-    The summary table, every p-value, the pseudo-targets' responder probabilities, and
-    :meth:`CalibrationCheck.plot_qq`.
+    The summary table, every p-value, the pseudo-targets' responder probabilities, the real
+    targets' held-out distance test, and :meth:`CalibrationCheck.plot_qq`.
     """
     for key in (guide_key, perturbation_key):
         if key not in adata.obs:
@@ -190,7 +197,10 @@ def calibration_check(
     data.obsm["X_response"] = response_latent(salient, probability)
     tested = data[data.obs[perturbation_key].isin([control, *pseudo_labels])].copy()
     tested.obs[perturbation_key] = tested.obs[perturbation_key].astype(str)
+    held_out = model.distance_test(n_perms=n_perms)
+    is_target = ~held_out.index.isin([control, *pseudo_labels])
     distance_p_values = {
+        "distance_test, held-out cells": held_out,
         "DistanceTest, salient latent": pt.tl.DistanceTest(
             "edistance", n_perms=n_perms, obsm_key="X_salient"
         )(tested, groupby=perturbation_key, contrast=control, show_progressbar=False),
@@ -213,9 +223,10 @@ def calibration_check(
                         "test": test,
                         "pseudo_target": pseudo_labels,
                         "gene": None,
-                        "p_value": table.loc[pseudo_labels, "pvalue"].to_numpy(dtype=float),
+                        # A pseudo-target without held-out cells is not tested.
+                        "p_value": table["pvalue"].reindex(pseudo_labels).to_numpy(dtype=float),
                     }
-                )
+                ).dropna(subset="p_value")
                 for test, table in distance_p_values.items()
             ),
             pd.DataFrame(
@@ -269,5 +280,8 @@ def calibration_check(
         },
     ]
     return CalibrationCheck(
-        summary=pd.DataFrame(rows), p_values=p_values, responder_probability=pseudo_probability
+        summary=pd.DataFrame(rows),
+        p_values=p_values,
+        responder_probability=pseudo_probability,
+        targets=held_out[is_target],
     )
