@@ -78,7 +78,8 @@ def main():
     print("mean salient-latent norm relative to non-targeting controls, strongest targets:")
     for target, value in relative.head(8).items():
         print(f"  {target:<10} {value:5.2f}")
-    calls = model.distance_test().drop(CONTROL).sort_values(["pvalue", "distance"])
+    calls = model.distance_test().drop(CONTROL)
+    calls = calls.sort_values(["pvalue", "distance"], ascending=[True, False])
     print("E-distance permutation test on held-out cells (model.distance_test), p < 0.05:")
     for target, row in calls[calls["pvalue"] < 0.05].iterrows():
         print(f"  {target:<10} p = {row['pvalue']:.3f} ({row['n_cells']} held-out cells)")
