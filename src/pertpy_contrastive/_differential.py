@@ -10,9 +10,9 @@ to it, and escapers do not dilute it.
 
 Uncertainty is the regression's Wald standard error plus that of the control-fitted offset,
 scaled by an empirical null over the target's genes (the counts vary around a decoded
-background more than the negative binomial says). The Wald p-values test LFC = 0. It is the
-test with which the responder calls decide whether a target responded at all
-(``_responder_mixture.mean_shift_wald_test``).
+background more than the negative binomial says). The Wald p-values test LFC = 0. The
+responder calls decide whether a target responded at all with the same test
+(``_responder_mixture.mean_shift_wald_test``), the compositional shift kept.
 
 The posterior of each gene's LFC uses a prior fitted across the target's genes (adaptive
 shrinkage, Stephens 2017): a mixture of a point mass at 0 and centred normals on a grid of
