@@ -3,8 +3,8 @@
 A mixin of :class:`~pertpy_contrastive.ContrastiveVAE`. The salient encoder is trained to
 reconstruct the perturbed training cells, so it fits their noise, while the controls' salient
 latents are only pulled towards 0: on training cells a target and the controls differ even when
-the target does nothing. Every target of the Papalexi screen, and every non-targeting guide
-trained as a pseudo-target, then tests significant (docs/benchmark_papalexi_calibration.md).
+the target does nothing. On Papalexi every non-targeting guide trained as a pseudo-target
+then tests significant (docs/benchmark_papalexi_calibration.md).
 The validation cells were seen by no gradient. To the trained encoder, a null target's held-out
 cells and the held-out controls are draws from one distribution, so the labels are exchangeable
 and the permutation p-value is exact.
