@@ -137,19 +137,14 @@ class DifferentialExpressionMixin:
                 )
             tested = requested
         if responders_only and probability is None:
-            probability = self.get_responder_probability(adata)
+            probability = self._responder_probability(adata, cells)
         elif responders_only and len(probability) != adata.n_obs:
             raise ValueError(
                 f"probability has {len(probability)} values for {adata.n_obs} cells. Pass the "
                 "responder probabilities of these cells, get_responder_probability(adata), or "
                 "leave probability unset."
             )
-        control_counts = dense_counts(cells.counts[cells.controls])
-        control_information = mixture.fisher_information(
-            cells.background[cells.controls],
-            cells.dispersion,
-            torch.ones(len(cells.controls), dtype=torch.float64),
-        )
+        controls = cells.control_cells
         tables = []
         for label in tested:
             members = cells.of_target(labels.index(label))
@@ -163,11 +158,11 @@ class DifferentialExpressionMixin:
                 cells.background[members],
                 cells.dispersion,
                 weights,
-                control_information,
+                controls.information,
                 delta,
                 fdr_target,
             )
-            table["raw_mean2"] = control_counts.mean(0).numpy()
+            table["raw_mean2"] = controls.counts.mean(0).numpy()
             table["group1"], table["group2"] = label, control
             table["comparison"] = f"{label} vs {control}"
             tables.append(table.set_index(adata.var_names.copy()))

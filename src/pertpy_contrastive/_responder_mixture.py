@@ -16,15 +16,26 @@ and no responders. y is summed out exactly, by EM on the two-branch mixture (the
 delta_t is a per-gene weighted negative-binomial regression with offset ``log b``).
 
 Cross-fitting keeps a cell's call honest: delta_t is fitted on the other folds of the target's
-cells, and the responder fraction pi_t of the held-out fold is re-estimated on it with delta_t
-fixed. A delta_t fitted on a cell's own counts would fit its noise, and an escaper would look
-like a responder (the failure of the in-VAE responder posterior, docs/benchmarks.md).
+cells, and each cell is scored with the effect of the folds that did not see it. A delta_t
+fitted on a cell's own counts would fit its noise, and an escaper would look like a responder
+(the failure of the in-VAE responder posterior, docs/benchmarks.md).
+
+The responder fraction pi_t comes from the controls, not from the mixture likelihood. An
+escaper expresses like a control, so scored with the same effect, the escapers' likelihood
+ratios are distributed like the controls'; the share of a target's cells that score like
+controls estimates 1 - pi_t (Storey's null fraction, on each cell's p-value against the
+controls). The mixture's own maximum-likelihood fraction trades off against the size of a weak
+effect ("everyone shifted a little" fits nearly as well as "some shifted more") and came out
+too high: on the weak-effect screen, control cells scored as a target's cells got a mean
+posterior of 0.4 to 0.76 (docs/benchmarks.md#responders).
 
 Hand-written rather than Pyro SVI: the M-step has a closed-form Fisher-scoring update per gene,
 and exact zeros in delta_t need a test, not a shrinkage prior.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,10 +44,24 @@ from scipy import stats
 _SCORING_STEPS = 8
 _EM_STEPS = 15
 _EM_SCORING_STEPS = 2  # per M-step, warm-started from the previous step's effect
-_FRACTION_STEPS = 100
+_NULL_FRACTION_LAMBDA = 0.5  # Storey's tuning parameter, qvalue's classic choice
 _MAX_ABS_EFFECT = 5.0
 POISSON_DISPERSION = 1e12
 """Dispersion that makes the negative binomial a Poisson in double precision."""
+
+
+class ControlCells(NamedTuple):
+    """The controls' counts beside their calibrated background: the escapers' reference."""
+
+    counts: torch.Tensor
+    background: torch.Tensor
+    information: torch.Tensor
+    """Fisher information of the control-fitted offset ``o_g`` (see ``mean_shift_wald_test``)."""
+
+
+def control_cells(counts, background, dispersion) -> ControlCells:
+    weights = torch.ones(counts.shape[0], dtype=counts.dtype)
+    return ControlCells(counts, background, fisher_information(background, dispersion, weights))
 
 
 def negative_binomial_log_likelihood(counts, mean, dispersion) -> torch.Tensor:
@@ -175,17 +200,18 @@ def fit_responder_effect(
     return effect, overdispersion
 
 
-def responder_fraction(log_ratio) -> float:
-    """Maximum-likelihood pi of a two-branch mixture whose per-cell likelihood ratio is known."""
-    fraction = 0.5
-    for _ in range(_FRACTION_STEPS):
-        posterior = torch.sigmoid(_logit(fraction) + log_ratio)
-        fraction = float(posterior.mean().clamp(1e-3, 1.0 - 1e-3))
-    return fraction
+def null_fraction(p_values) -> float:
+    """Storey's (2002) estimate of the share of cells drawn from the null (the controls).
+
+    Null p-values are uniform, responders' pile up near 0: above ``lambda`` nearly all cells are
+    null ones, ``(1 - lambda)`` of them.
+    """
+    above = float(np.mean(p_values > _NULL_FRACTION_LAMBDA))
+    return min(1.0, above / (1.0 - _NULL_FRACTION_LAMBDA))
 
 
 def cross_fitted_log_odds(
-    counts, background, dispersion, allowed, gene_fdr, n_folds, rng, control_information=None
+    counts, background, dispersion, allowed, gene_fdr, n_folds, rng, controls: ControlCells
 ):
     """Posterior log odds of response for one target's cells, each from held-out effects.
 
@@ -195,15 +221,21 @@ def cross_fitted_log_odds(
     probability at most ``gene_fdr``; without it each fold's selection is another chance, and a
     null target gets called cells about ``n_folds`` times as often (negative controls,
     docs/benchmark_papalexi_calibration.md).
+
+    The prior log odds are those of the target's responder fraction, estimated against the
+    ``controls`` (module docstring): each cell's likelihood ratio gets a p-value among the
+    controls' ratios under the same effect.
     """
     n_cells = counts.shape[0]
     folds = rng.permutation(n_cells) % max(2, min(n_folds, n_cells))
     log_odds = torch.full((n_cells,), -torch.inf, dtype=counts.dtype)
     responding_genes, _ = select_effect_genes(
-        counts, background, dispersion, allowed, gene_fdr, control_information
+        counts, background, dispersion, allowed, gene_fdr, controls.information
     )
     if not responding_genes.any():
         return log_odds
+    log_ratio = torch.full((n_cells,), torch.nan, dtype=counts.dtype)
+    p_values = np.full(n_cells, np.nan)
     for fold in np.unique(folds):
         held_out = torch.from_numpy(folds == fold)
         effect, overdispersion = fit_responder_effect(
@@ -212,14 +244,26 @@ def cross_fitted_log_odds(
             dispersion,
             allowed,
             gene_fdr,
-            control_information,
+            controls.information,
         )
         if not effect.any():
             continue
-        log_ratio = log_likelihood_ratio(
+        log_ratio[held_out] = log_likelihood_ratio(
             counts[held_out], background[held_out], dispersion, effect, overdispersion
         )
-        log_odds[held_out] = _logit(responder_fraction(log_ratio)) + log_ratio
+        control_ratio = np.sort(
+            log_likelihood_ratio(
+                controls.counts, controls.background, dispersion, effect, overdispersion
+            ).numpy()
+        )
+        at_least_as_high = len(control_ratio) - np.searchsorted(
+            control_ratio, log_ratio[held_out].numpy(), side="left"
+        )
+        p_values[held_out.numpy()] = (1 + at_least_as_high) / (1 + len(control_ratio))
+    scored = ~np.isnan(p_values)
+    if scored.any():
+        fraction = np.clip(1.0 - null_fraction(p_values[scored]), 1e-3, 1.0 - 1e-3)
+        log_odds[scored] = _logit(fraction) + log_ratio[scored]
     return log_odds
 
 

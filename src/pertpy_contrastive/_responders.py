@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -15,7 +16,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from mudata import MuData
-from scipy import sparse, stats
+from scipy import sparse, special, stats
 from scvi import REGISTRY_KEYS
 
 from . import _responder_mixture as mixture
@@ -42,6 +43,15 @@ class CalibratedBackground:
         """Perturbed cells whose target has code ``index``."""
         return np.flatnonzero((self.targets == index) & (self.groups != CellGroup.BACKGROUND))
 
+    @cached_property
+    def control_cells(self) -> mixture.ControlCells:
+        """The controls, the reference of the responder calls and of the DE's offset variance."""
+        return mixture.control_cells(
+            dense_counts(self.counts[self.controls]),
+            self.background[self.controls],
+            self.dispersion,
+        )
+
 
 class ResponderMixin:
     """Responder outputs of a trained :class:`~pertpy_contrastive.ContrastiveVAE`."""
@@ -62,9 +72,10 @@ class ResponderMixin:
         Each target's cells are a two-branch mixture on the background the model reads in
         them (``_responder_mixture.py``): escapers are expressed like their background,
         responders shift a sparse set of genes by the target's log fold changes. The effect is
-        fitted on the other ``n_folds - 1`` folds of the target's cells and the responder
-        fraction on the cell's own fold, so that a cell's noise cannot make it look like a
-        responder. A cell's perturbation label enters only as the index of its target's effect
+        fitted on the other ``n_folds - 1`` folds of the target's cells, so that a cell's noise
+        cannot make it look like a responder. The responder fraction, the prior, is the share
+        of the target's cells whose evidence stands out from the controls' under the same
+        effect (escapers express like controls). A cell's perturbation label enters only as the index of its target's effect
         and fraction; the encoders do not see it. The mixture is fitted on the cells of
         ``adata``, so a target needs cells there.
 
@@ -95,24 +106,20 @@ class ResponderMixin:
         Array ``(n_cells,)``: 0 for controls, NaN for cells whose label is not a trained target
         (no guide, several targets, or a label absent from training), P(y = 1 | x) otherwise.
         """
-        log_odds = self._responder_log_odds(
-            adata, gene_fdr, n_folds, use_target_gene, seed, modality
+        adata, cells = self._calibrated_background(adata, modality)
+        probability = self._responder_probability(
+            adata, cells, gene_fdr, n_folds, use_target_gene, seed
         )
-        probability = 1.0 / (1.0 + np.exp(-log_odds))
         return probability if indices is None else probability[np.asarray(indices)]
 
-    def _responder_log_odds(self, adata, gene_fdr, n_folds, use_target_gene, seed, modality):
-        """Per-cell log odds of response: ``-inf`` for controls, NaN for cells without a target."""
-        adata, cells = self._calibrated_background(adata, modality)
+    def _responder_probability(
+        self, adata, cells, gene_fdr=0.05, n_folds=5, use_target_gene=False, seed=0
+    ) -> np.ndarray:
+        """:meth:`get_responder_probability` on an already decoded ``CalibratedBackground``."""
         labels = self.adata_manager.get_state_registry(TARGET_KEY)["target_labels"]
         log_odds = np.full(adata.n_obs, np.nan)
         log_odds[cells.controls] = -np.inf
         rng = np.random.default_rng(seed)
-        control_information = mixture.fisher_information(
-            cells.background[cells.controls],
-            cells.dispersion,
-            torch.ones(len(cells.controls), dtype=torch.float64),
-        )
         for index, label in enumerate(labels):
             members = cells.of_target(index)
             if len(members) == 0:
@@ -126,9 +133,9 @@ class ResponderMixin:
                 gene_fdr,
                 n_folds,
                 rng,
-                control_information,
+                cells.control_cells,
             ).numpy()
-        return log_odds
+        return special.expit(log_odds)
 
     def _calibrated_background(self, adata, modality) -> tuple[AnnData, CalibratedBackground]:
         """Validate ``adata``; return it and its counts beside their calibrated background.
