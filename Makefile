@@ -12,9 +12,10 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) scripts/demo.py --output outputs/demo_latents.h5ad
 
+# The hooks of .pre-commit-config.yaml (ruff, ruff-format, pyproject-fmt, the standard hooks),
+# run from the venv on every tracked file.
 lint: venv
-	$(PY) -m ruff check src tests benchmarks scripts tutorials
-	$(PY) -m ruff format --check src tests benchmarks scripts tutorials
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
 
 test: lint
 	$(PY) -m pytest

@@ -142,7 +142,7 @@ def write_results(path, title, command, header, lines) -> None:
     path.write_text(
         f"# {title}\n\n"
         f"Produced by {command} on {time.strftime('%Y-%m-%d')}.\n\n{header}\n\n"
-        + "\n".join(lines)
+        + "\n".join(lines).rstrip("\n")
         + "\n"
     )
     print("\n".join(lines))
