@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml scripts/bootstrap-venv.sh
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) scripts/demo.py --output outputs/demo_latents.h5ad
+	$(VENV)/bin/pertpy-contrastive demo --output outputs/demo_latents.h5ad --overwrite
 
 # The hooks of .pre-commit-config.yaml (ruff, ruff-format, pyproject-fmt, the standard hooks),
 # run from the venv on every tracked file.

@@ -66,14 +66,18 @@ class ExpressionMixin:
         return np.sort(np.asarray(reference_indices))
 
     @torch.inference_mode()
-    def _background_removed_counts(self, adata, indices, reference_indices, library_size):
+    def _background_removed_counts(
+        self, adata, indices, reference_indices, library_size, cells=None
+    ) -> np.ndarray:
         """Observed counts with each cell's background exchanged for the reference's.
 
         ``x_ng * r_g / p_ng``, then normalised to ``library_size``: ``p_ng`` is the cell's
         background proportion (decoded at s = 0, calibrated on controls as for the responder
-        calls) and ``r_g`` the reference cells' mean background proportion.
+        calls) and ``r_g`` the reference cells' mean background proportion. ``cells`` is the
+        ``CalibratedBackground`` of ``adata`` if already computed.
         """
-        _, cells = self._calibrated_background(adata, "rna")
+        if cells is None:
+            _, cells = self._calibrated_background(adata, "rna")
         proportions = cells.background / cells.background.sum(1, keepdim=True)
         reference = proportions[reference_indices].mean(0)
         rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
@@ -271,8 +275,10 @@ class ExpressionMixin:
             )
         self._check_if_trained(warn=False)
         self._validate_anndata(target)
-        # One encoding pass serves the latents and the effect layer.
+        # One encoding pass serves the latents, the effect layer, the background-removed layer
+        # and the responder calls.
         cells = self._posterior_means(target, None)
+        _, calibrated = self._calibrated_background(target, modality, posterior_means=cells)
         latents = {"salient": cells["s"].cpu().numpy(), "background": cells["z"].cpu().numpy()}
         for latent in latents.values():
             check_finite_latent(latent)
@@ -281,12 +287,12 @@ class ExpressionMixin:
             "obsm": {keys["obsm"][kind]: latent for kind, latent in latents.items()},
             "layers": {
                 keys["layers"]["denoised"]: self._background_removed_counts(
-                    target, None, reference, library_size=1e4
+                    target, None, reference, library_size=1e4, cells=calibrated
                 ),
                 keys["layers"]["effect"]: self._effect(cells),
             },
         }
-        probability = self.get_responder_probability(target, seed=seed)
+        probability = self._responder_probability(target, calibrated, seed=seed)
         outputs["obsm"][keys["obsm"]["response"]] = response_latent(latents["salient"], probability)
         target_class, global_class = self._responder_calls(target, probability, threshold)
         outputs["obs"] = {

@@ -137,11 +137,14 @@ class ResponderMixin:
             ).numpy()
         return special.expit(log_odds)
 
-    def _calibrated_background(self, adata, modality) -> tuple[AnnData, CalibratedBackground]:
+    def _calibrated_background(
+        self, adata, modality, posterior_means=None
+    ) -> tuple[AnnData, CalibratedBackground]:
         """Validate ``adata``; return it and its counts beside their calibrated background.
 
-        Shared by the responder calls and the differential expression: both compare a target's
-        cells with the expression the model reads as their background.
+        Shared by the responder calls, the differential expression and the background-removed
+        layer: each compares cells with the expression the model reads as their background.
+        ``posterior_means`` (of :meth:`_posterior_means` on ``adata``) saves an encoding pass.
         """
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
@@ -155,7 +158,9 @@ class ResponderMixin:
                 "controls of the screen."
             )
         counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        background = self._background_means(adata, counts).double()
+        if posterior_means is None:
+            posterior_means = self._posterior_means(adata, None)
+        background = self._background_means(posterior_means, counts).double()
         dispersion = self._dispersion()
         offset = mixture.control_offset(
             dense_counts(counts[controls]), background[controls], dispersion
@@ -170,9 +175,8 @@ class ResponderMixin:
         )
 
     @torch.inference_mode()
-    def _background_means(self, adata, counts) -> torch.Tensor:
+    def _background_means(self, means, counts) -> torch.Tensor:
         """Each cell's counts decoded at its posterior mean z and s = 0, at its own depth."""
-        means = self._posterior_means(adata, None)
         proportions = self.module.expression_proportions(
             means["z"], torch.zeros_like(means["s"]), means["batch"], means["cat"], means["cont"]
         ).cpu()

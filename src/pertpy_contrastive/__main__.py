@@ -1,0 +1,7 @@
+"""``python -m pertpy_contrastive``: the ``pertpy-contrastive`` command line."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())
