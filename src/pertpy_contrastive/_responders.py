@@ -75,8 +75,8 @@ class ResponderMixin:
         fitted on the other ``n_folds - 1`` folds of the target's cells, so that a cell's noise
         cannot make it look like a responder. The responder fraction, the prior, is the share
         of the target's cells whose evidence stands out from the controls' under the same
-        effect (escapers express like controls). A cell's perturbation label enters only as the index of its target's effect
-        and fraction; the encoders do not see it. The mixture is fitted on the cells of
+        effect (escapers express like controls). A cell's perturbation label enters only as
+        the index of its target's effect and fraction; the encoders do not see it. The mixture is fitted on the cells of
         ``adata``, so a target needs cells there.
 
         Parameters
