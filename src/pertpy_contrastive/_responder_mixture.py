@@ -26,8 +26,9 @@ ratios are distributed like the controls'; the share of a target's cells that sc
 controls estimates 1 - pi_t (Storey's null fraction, on each cell's p-value against the
 controls). The mixture's own maximum-likelihood fraction trades off against the size of a weak
 effect ("everyone shifted a little" fits nearly as well as "some shifted more") and came out
-too high: on the weak-effect screen, control cells scored as a target's cells got a mean
-posterior of 0.4 to 0.76 (docs/benchmarks.md#responders).
+too high: on the seed-0 model of the weak-effect calling screen, control cells scored as an
+effect target's cells got a mean posterior of 0.18 to 0.76 (a one-off check, not a committed
+benchmark; the benchmark's effect is in docs/benchmarks.md#responders).
 
 Hand-written rather than Pyro SVI: the M-step has a closed-form Fisher-scoring update per gene,
 and exact zeros in delta_t need a test, not a shrinkage prior.
