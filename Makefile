@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test lint benchmark
+.PHONY: venv demo test lint benchmark docs
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap-venv.sh
 	bash scripts/bootstrap-venv.sh
@@ -22,3 +22,7 @@ test: lint
 
 benchmark: venv
 	$(PY) benchmarks/benchmark_core.py
+
+# The HTML documentation (Sphinx, docs/conf.py); warnings are errors, as on Read the Docs.
+docs: venv
+	$(PY) -m sphinx -W -b html docs docs/_build/html

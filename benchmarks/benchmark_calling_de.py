@@ -21,7 +21,8 @@ All methods run in one process on the same screen (``simulate_screen``):
   calling AUROC of ContrastiveVAE is also reported on its response latent.
 
 The VAEs are trained with several seeds (mean ± sd reported); Mixscape and PCA are
-deterministic. Run by hand (about 15 minutes on 2 cores):
+deterministic. Run by hand, alone (45-75 minutes per model seed on 2 cores); the page is
+rewritten after each seed:
 
     .venv/bin/python benchmarks/benchmark_calling_de.py
 """
@@ -147,7 +148,8 @@ def mean_sd(values) -> str:
     values = np.asarray(values, dtype=float)
     if len(values) == 1:
         return f"{values[0]:.3f}"
-    return f"{values.mean():.3f} ± {values.std():.3f}"
+    each = ", ".join(f"{v:.3f}" for v in values)
+    return f"{values.mean():.3f} ± {values.std():.3f} ({each})"
 
 
 def main():
@@ -190,7 +192,22 @@ def main():
         for name in (OURS, OURS_RESPONSE, CONTRASTIVE_VI, MIXSCAPE, "PCA of log-normalised")
     }
     de = {name: [] for name in (OURS, LOG_NORMALISED, MIXSCAPE)}
+    signature = mixscape_signature(adata)
+    de[MIXSCAPE].append(de_map(signature.layers["X_pert"]))
+    de[LOG_NORMALISED].append(de_map(signature.X))
+    signature.X = signature.layers["X_pert"]
+    sc.pp.pca(signature, n_comps=args.n_salient)
+    calling[MIXSCAPE].append(calling_auroc(adata, signature.obsm["X_pca"], effect_targets))
+    normalised = log_normalised(adata)
+    sc.pp.pca(normalised, n_comps=args.n_salient)
+    calling["PCA of log-normalised"].append(
+        calling_auroc(adata, normalised.obsm["X_pca"], effect_targets)
+    )
+
     model_de = []
+    completed_seeds = []
+    # The page is rewritten after every seed, so a long run that is stopped keeps its finished
+    # seeds (the header says which).
     for seed in args.model_seeds:
         model, _ = fit_contrastive_vae(adata, seed, args.epochs, *vae_kwargs(args))
         calling[OURS].append(
@@ -204,20 +221,12 @@ def main():
         vi_model, _ = fit_contrastive_vi(adata, args, seed)
         vi_salient = vi_model.get_latent_representation(representation_kind="salient")
         calling[CONTRASTIVE_VI].append(calling_auroc(adata, vi_salient, effect_targets))
-        print({"seed": seed, **{k: v[-1] for k, v in calling.items() if v}}, flush=True)
+        completed_seeds.append(seed)
+        print({"seed": seed, **{k: v[-1] for k, v in calling.items()}, **model_de[-1]}, flush=True)
+        write_page(args, adata, truth, calling, de, model_de, completed_seeds)
 
-    signature = mixscape_signature(adata)
-    de[MIXSCAPE].append(de_map(signature.layers["X_pert"]))
-    de[LOG_NORMALISED].append(de_map(signature.X))
-    signature.X = signature.layers["X_pert"]
-    sc.pp.pca(signature, n_comps=args.n_salient)
-    calling[MIXSCAPE].append(calling_auroc(adata, signature.obsm["X_pca"], effect_targets))
-    normalised = log_normalised(adata)
-    sc.pp.pca(normalised, n_comps=args.n_salient)
-    calling["PCA of log-normalised"].append(
-        calling_auroc(adata, normalised.obsm["X_pca"], effect_targets)
-    )
 
+def write_page(args, adata, truth, calling, de, model_de, completed_seeds) -> None:
     lines = [
         "| embedding | calling AUROC (effect vs null targets, by E-distance) |",
         "|---|---|",
@@ -252,8 +261,8 @@ def main():
         f"which {args.null_targets} have no effect, mean program log fold change "
         f"{args.effect_size}, {n_responders} responding cells, seed {args.seed}. VAEs: "
         f"{args.epochs} epochs, n_salient={args.n_salient}, n_background={args.n_background}, "
-        f"model seeds {args.model_seeds} (mean ± sd); {torch.get_num_threads()} torch threads, "
-        "CPU only. Chance: AUROC 0.5; mAP about "
+        f"model seeds {completed_seeds} of {args.model_seeds} completed (mean ± sd); "
+        f"{torch.get_num_threads()} torch threads, CPU only. Chance: AUROC 0.5; mAP about "
         f"{np.mean([len(g) for g in truth.values()]) / args.genes:.3f} (fraction of true genes)."
     )
     write_results(args.output, "Calling and DE-recovery benchmark results", command, header, lines)

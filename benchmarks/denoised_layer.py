@@ -52,7 +52,7 @@ def layers(model, seed) -> dict[str, np.ndarray]:
     depth = counts.sum(1, keepdims=True)
     decoded = model.get_denoised_expression(source="decoder", seed=seed).astype(float)
     rng = np.random.default_rng(seed)
-    dispersion = model.module.log_dispersion.detach().exp().cpu().numpy()
+    dispersion = model.module.log_inverse_dispersion.detach().exp().cpu().numpy()
     mean = decoded / 1e4 * depth
     sampled = rng.poisson(rng.gamma(dispersion, mean / dispersion)).astype(float)
     sampled_depth = np.maximum(sampled.sum(1, keepdims=True), 1.0)

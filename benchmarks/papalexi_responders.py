@@ -86,7 +86,7 @@ def train_contrastive_vae(seed, epochs):
     model.train(max_epochs=epochs, seed=seed, enable_progress_bar=False)
     seconds = time.perf_counter() - start
     rna = model.write_outputs(mdata)
-    return rna, len(model.history["elbo_train"]), seconds
+    return rna, len(model.history["loss_train"]), seconds
 
 
 def contrastive_vi_salient(data, seed, epochs) -> np.ndarray:

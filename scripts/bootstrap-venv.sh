@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with a Python >= 3.12 and install the project into it (editable, with test extras).
+# Create .venv with a Python >= 3.12 and install the project into it (editable, with the test,
+# benchmark and doc extras).
 # Looks for an interpreter on PATH first, then through pyenv. Re-installs only when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,6 @@ fi
 
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e ".[test,benchmark]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[test,benchmark,doc]"
   touch "$STAMP"
 fi

@@ -1,11 +1,15 @@
 """Training, latents, covariates, likelihoods, save/load and divergence of ContrastiveVAE."""
 
+import random
+import signal
+
 import mudata as md
 import numpy as np
 import pyro
 import pytest
 import torch
 from _helpers import CONTROL, quick_train, setup
+from lightning.pytorch.callbacks import Callback
 
 import pertpy_contrastive as pc
 from pertpy_contrastive import _module
@@ -17,8 +21,8 @@ def test_train_records_history_and_gives_finite_latents(screen):
     setup(screen, batch_key="batch")
     model = quick_train(pc.ContrastiveVAE(screen, n_salient=4, n_background=6), max_epochs=4)
     assert model.is_trained
-    assert len(model.history["elbo_train"]) == 4
-    assert len(model.history["elbo_validation"]) == 4  # early stopping validates every epoch
+    assert len(model.history["loss_train"]) == 4
+    assert len(model.history["loss_validation"]) == 4  # early stopping validates every epoch
     salient = model.get_latent_representation(kind="salient")
     background = model.get_latent_representation(kind="background")
     assert salient.shape == (screen.n_obs, 4)
@@ -26,12 +30,28 @@ def test_train_records_history_and_gives_finite_latents(screen):
     assert np.isfinite(salient).all() and np.isfinite(background).all()
 
 
+def test_history_logs_the_elbo_and_each_penalty_apart(screen):
+    """The monitored loss is the negative ELBO plus the penalties in use, each logged alone."""
+    setup(screen, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen, wasserstein_weight=2.0), max_epochs=3)
+    for stage in ("train", "validation"):
+        terms = {
+            name: model.history[f"{name}_{stage}"].to_numpy(dtype=float).ravel()
+            for name in ("loss", "elbo", "background_mmd", "salient_wasserstein")
+        }
+        assert (terms["background_mmd"] > 0).all() and (terms["salient_wasserstein"] > 0).all()
+        penalties = terms["background_mmd"] + terms["salient_wasserstein"]
+        np.testing.assert_allclose(terms["loss"], terms["elbo"] + penalties, rtol=1e-5)
+    unpenalised = quick_train(pc.ContrastiveVAE(screen, background_mmd_weight=0.0), max_epochs=1)
+    assert not {"background_mmd_train", "salient_wasserstein_train"} & set(unpenalised.history)
+
+
 def test_training_lowers_the_validation_loss(screen):
     setup(screen, batch_key="batch")
     model = quick_train(
         pc.ContrastiveVAE(screen), max_epochs=15, early_stopping=False, check_val_every_n_epoch=1
     )
-    validation = model.history["elbo_validation"].to_numpy(dtype=float).ravel()
+    validation = model.history["loss_validation"].to_numpy(dtype=float).ravel()
     assert validation[-1] < validation[0]
 
 
@@ -77,7 +97,9 @@ def test_save_load_round_trip_is_exact(screen, tmp_path):
                 loaded.get_latent_representation(kind=kind),
                 model.get_latent_representation(kind=kind),
             )
-        torch.testing.assert_close(loaded.module.log_dispersion, model.module.log_dispersion)
+        torch.testing.assert_close(
+            loaded.module.log_inverse_dispersion, model.module.log_inverse_dispersion
+        )
         np.testing.assert_array_equal(
             loaded.get_responder_probability(), model.get_responder_probability()
         )
@@ -93,11 +115,41 @@ def test_model_saved_before_the_responder_model_is_refused_clearly(screen, tmp_p
         pc.ContrastiveVAE.load(tmp_path / "model", adata=screen)
 
 
+def test_model_saved_with_the_old_dispersion_name_loads(screen, tmp_path):
+    setup(screen)
+    model = quick_train(pc.ContrastiveVAE(screen), max_epochs=1)
+    model.save(tmp_path / "model")
+    saved = torch.load(tmp_path / "model" / "model.pt", weights_only=False)
+    state = saved["model_state_dict"]
+    state["log_dispersion"] = state.pop("log_inverse_dispersion")
+    torch.save(saved, tmp_path / "model" / "model.pt")
+    loaded = pc.ContrastiveVAE.load(tmp_path / "model", adata=screen)
+    torch.testing.assert_close(
+        loaded.module.log_inverse_dispersion, model.module.log_inverse_dispersion
+    )
+
+
+def test_damaged_or_foreign_model_directories_are_refused_clearly(screen, tmp_path):
+    setup(screen)
+    with pytest.raises(FileNotFoundError, match=r"No saved ContrastiveVAE.*model\.pt"):
+        pc.ContrastiveVAE.load(tmp_path / "nothing")
+    quick_train(pc.ContrastiveVAE(screen), max_epochs=1).save(tmp_path / "model")
+    model_file = tmp_path / "model" / "model.pt"
+    saved = torch.load(model_file, weights_only=False)
+    saved["attr_dict"]["registry_"]["model_name"] = "SCVI"
+    torch.save(saved, model_file)
+    with pytest.raises(ValueError, match="holds a saved SCVI model, not a ContrastiveVAE"):
+        pc.ContrastiveVAE.load(tmp_path / "model")
+    model_file.write_bytes(b"\x80\xffnot a model" * 10)
+    with pytest.raises(ValueError, match="model.pt is not a valid saved ContrastiveVAE"):
+        pc.ContrastiveVAE.load(tmp_path / "model")
+
+
 @pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
 def test_each_likelihood_trains(screen, likelihood):
     setup(screen)
     model = quick_train(pc.ContrastiveVAE(screen, likelihood=likelihood), max_epochs=2)
-    assert np.isfinite(model.history["elbo_train"].to_numpy(dtype=float)).all()
+    assert np.isfinite(model.history["loss_train"].to_numpy(dtype=float)).all()
 
 
 def test_unknown_likelihood(screen):
@@ -292,8 +344,8 @@ def test_responder_model_trains_the_background_encoder_on_controls_only(screen):
         module = model.module
         tensors = next(iter(model._make_data_loader(adata=screen, batch_size=256)))
         args, _ = module._get_fn_args_from_batch(tensors)
-        keep = torch.isin(args[1], torch.tensor(groups))
-        args = tuple(value[keep] for value in args)
+        keep = torch.isin(args.group, torch.tensor(groups))
+        args = args._make(value[keep] for value in args)
         loss = pyro.infer.Trace_ELBO().differentiable_loss(module.model, module.guide, *args)
         loss.backward()
         return sum(
@@ -304,3 +356,40 @@ def test_responder_model_trains_the_background_encoder_on_controls_only(screen):
     assert background_encoder_gradient(True, targets_only) == 0
     assert background_encoder_gradient(False, targets_only) > 0
     assert background_encoder_gradient(True, [CellGroup.TARGET, CellGroup.BACKGROUND]) > 0
+
+
+class _InterruptDuringEpoch(Callback):
+    """Raises KeyboardInterrupt, as Ctrl-C does, after the first step of a training epoch."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_training_keeps_a_usable_model(screen):
+    setup(screen, batch_key="batch")
+    model = pc.ContrastiveVAE(screen)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.warns(UserWarning, match="interrupted after 2 completed epochs"):
+        quick_train(model, max_epochs=10, callbacks=[_InterruptDuringEpoch(2)])
+    assert model.is_trained
+    assert len(model.history["loss_train"]) == 2
+    assert signal.getsignal(signal.SIGINT) is handler  # Lightning had set it to SIG_IGN
+    assert np.isfinite(model.get_latent_representation(kind="salient")).all()
+    assert len(model.train_indices) + len(model.validation_indices) == screen.n_obs
+
+
+def test_training_leaves_the_global_random_state_alone(screen):
+    setup(screen, batch_key="batch")
+    random.seed(7)
+    np.random.seed(7)  # noqa: NPY002
+    torch.manual_seed(7)
+    expected = random.random(), np.random.random(), torch.rand(1).item()  # noqa: NPY002
+    random.seed(7)
+    np.random.seed(7)  # noqa: NPY002
+    torch.manual_seed(7)
+    quick_train(pc.ContrastiveVAE(screen), max_epochs=1)
+    assert (random.random(), np.random.random(), torch.rand(1).item()) == expected  # noqa: NPY002

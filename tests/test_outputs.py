@@ -1,5 +1,8 @@
 """Latents, background-removed expression and effects written for pertpy's tests."""
 
+import json
+
+import anndata
 import numpy as np
 import pandas as pd
 import pertpy as pt
@@ -23,6 +26,22 @@ def test_outputs_have_documented_keys_and_shapes(trained):
         assert layer.shape == adata.shape and layer.dtype == np.float32
         assert np.isfinite(layer).all()
     np.testing.assert_allclose(adata.layers["contrastive_denoised"].sum(axis=1), 1e4, rtol=1e-4)
+
+
+def test_outputs_record_their_provenance_as_h5ad_can_store_it(trained, tmp_path):
+    adata, _ = trained
+    record = adata.uns["contrastive"]
+    assert record["package_version"] == pc.__version__
+    assert record["epochs_trained"] == 60
+    assert json.loads(record["write_outputs"]) == {
+        "n_reference_cells": 50,
+        "seed": 0,
+        "threshold": 0.5,
+    }
+    assert json.loads(record["model"])["n_salient"] == 10
+    assert json.loads(record["setup_anndata"])["guide_key"] == "guide"
+    adata.write_h5ad(tmp_path / "outputs.h5ad")
+    assert dict(anndata.read_h5ad(tmp_path / "outputs.h5ad").uns["contrastive"]) == dict(record)
 
 
 def test_outputs_never_overwrite_silently(trained):
@@ -241,6 +260,8 @@ def test_papalexi_responder_pseudobulk_into_pydeseq2(papalexi_outputs):
         pc.tl.responder_pseudobulk(rna, responders="salient_norm", salient_key="missing")
     with pytest.raises(KeyError, match="Run model.write_outputs"):
         pc.tl.responder_pseudobulk(rna, probability_key="missing")
+    with pytest.raises(KeyError, match=r"Layer 'raw_counts' not found.*layer=None"):
+        pc.tl.responder_pseudobulk(rna, sample_key="replicate", layer="raw_counts")
 
 
 def test_simulated_responder_pseudobulk_into_pydeseq2(trained):

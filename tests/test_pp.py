@@ -48,6 +48,11 @@ def test_threshold_layer_with_both_policies(papalexi):
     assert all(p == sorted(p) and CONTROL not in p for p in pairs)
     single = n_guides == 1
     assert combined[single].notna().all()
+    semicolon = pc.pp.perturbation_labels(
+        mdata, assignment="assigned_guides", multiple="combine", separator=";", overwrite=True
+    )
+    assert semicolon[several.to_numpy()].astype(str).str.contains(";", regex=False).all()
+    assert not semicolon.astype(str).str.contains("+", regex=False).any()
 
 
 def test_mixture_model_labels_train_the_model(papalexi):

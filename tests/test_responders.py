@@ -128,7 +128,7 @@ def test_loss_sums_the_responder_exactly(screen):
     s = guide_trace.nodes["salient"]["value"]
     log_library = x.sum(-1, keepdim=True).log()
     covariates = (batch_index,)
-    theta = module.log_dispersion.exp()
+    theta = module.log_inverse_dispersion.exp()
 
     def likelihood(salient):  # p(x | z, salient), product over genes, in probability space
         rate, _ = module._decode(z, salient, cont_covs, log_library, covariates)

@@ -1,5 +1,7 @@
 """Every bad input gets an error that names the problem and the fix, and changes nothing."""
 
+import logging
+
 import mudata as md
 import numpy as np
 import pandas as pd
@@ -154,7 +156,9 @@ def test_batch_without_controls(screen):
     screen = screen[~controls_in_batch0.to_numpy()].copy()
     setup(screen, batch_key="batch")
     model = pc.ContrastiveVAE(screen)
-    with pytest.raises(ValueError, match=r"Batch 0 .* has no control cells.*batch_key=None"):
+    with pytest.raises(
+        ValueError, match=r"batch 'batch0' of obs\['batch'\] has no control cells.*batch_key=None"
+    ):
         model.train(max_epochs=1, batch_size=16)
 
 
@@ -188,8 +192,26 @@ def test_load_onto_different_genes(screen, tmp_path):
 def test_unassigned_looking_label_warns(screen):
     screen.obs["perturbation"] = screen.obs["perturbation"].astype(str)
     screen.obs.iloc[:20, screen.obs.columns.get_loc("perturbation")] = "Negative"
-    with pytest.warns(UserWarning, match=r"'Negative' \(\d+ cells\).*exclude=\['Negative'\]"):
+    with pytest.warns(
+        UserWarning, match=r"'Negative' \(\d+ cells\).*exclude=\['Negative'\]"
+    ) as record:
         setup(screen)
+    assert sum("'Negative'" in str(warning.message) for warning in record) == 1
+
+
+def test_setup_logs_the_cell_groups_once_through_scvi_tools_logger(screen):
+    """INFO messages reach the user by scvi-tools' handler, and setup logs the groups once."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    scvi_logger = logging.getLogger("scvi")
+    scvi_logger.addHandler(handler)
+    try:
+        setup(screen)
+    finally:
+        scvi_logger.removeHandler(handler)
+    messages = [record.getMessage() for record in records]
+    assert sum(message.startswith("Cell groups from obs") for message in messages) == 1
 
 
 def test_setup_writes_only_documented_keys(screen):

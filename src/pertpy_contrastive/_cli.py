@@ -22,6 +22,7 @@ import mudata
 import pertpy as pt
 
 from . import datasets, pp
+from ._constants import TRAINING_BATCH_SIZE
 from ._data import resolve_modality
 from ._model import ContrastiveVAE
 
@@ -102,7 +103,10 @@ def _parser() -> argparse.ArgumentParser:
         help="share of cells to train on; the rest test the targets (default: 0.75)",
     )
     run.add_argument(
-        "--batch-size", type=int, default=128, help="cells per minibatch (default: 128)"
+        "--batch-size",
+        type=int,
+        default=TRAINING_BATCH_SIZE,
+        help=f"cells per group per step (default: {TRAINING_BATCH_SIZE})",
     )
     run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     run.add_argument("--prefix", default="contrastive", help="prefix of the keys written")
@@ -130,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace OUT")
     _common_options(demo)
     # Not options: the demo holds a quarter of the cells out for its calls, at the default batch.
-    demo.set_defaults(handler=_demo, train_size=0.75, batch_size=128)
+    demo.set_defaults(handler=_demo, train_size=0.75, batch_size=TRAINING_BATCH_SIZE)
     return parser
 
 
@@ -233,7 +237,7 @@ def _train(args, data) -> ContrastiveVAE:
         enable_progress_bar=not args.no_progress,
         seed=args.seed,
     )
-    _step(args, f"trained {len(model.history['elbo_train'])} epochs; writing the outputs")
+    _step(args, f"trained {model.epochs_trained} epochs; writing the outputs")
     return model
 
 
@@ -248,7 +252,7 @@ def _run_record(args: argparse.Namespace, model) -> dict:
         "command": "pertpy-contrastive " + args.command,
         "parameters": json.dumps(parameters, sort_keys=True),
         "version": version("pertpy-contrastive"),
-        "epochs_trained": len(model.history["elbo_train"]),
+        "epochs_trained": model.epochs_trained,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 

@@ -1,4 +1,4 @@
-"""Names shared by the data registry, the Pyro module and the user-facing model."""
+"""Names and defaults shared by the data registry, the Pyro module, the model and the tools."""
 
 from enum import IntEnum
 
@@ -30,3 +30,24 @@ CELL_WEIGHT_KEY = "cell_weight"
 """Minibatch key of the per-cell ELBO weight added by the paired loader."""
 
 LATENT_KINDS = ("salient", "background", "response")
+
+NORMALISED_LIBRARY_SIZE = 1e4
+"""Counts per cell of normalised expression: the encoders' input and the denoised layer."""
+
+INFERENCE_BATCH_SIZE = 1024
+"""Cells per minibatch when encoding or decoding without gradients."""
+
+TRAINING_BATCH_SIZE = 128
+"""Cells per group (controls, perturbed) in a training step."""
+
+LEARNING_RATE = 3e-3
+"""Adam learning rate of training."""
+
+BACKGROUND_MMD_WEIGHT = 10.0
+"""Weight of the penalty on differences between controls' and perturbed cells' background."""
+
+RESPONDER_GENE_FDR = 0.05
+"""Benjamini-Hochberg level at which a gene enters a target's responder effect."""
+
+RESPONDER_FOLDS = 5
+"""Folds of the responder calls' cross-fitting."""

@@ -282,11 +282,14 @@ class PerturbationGroupField(_PerturbationObsField):
 
     def register_field(self, adata: AnnData) -> dict:
         self.validate_field(adata)
+        # setup_anndata has already checked the contrast, warned and logged the group counts,
+        # before writing anything; doing it again here would repeat them.
         groups = assign_groups(
             adata.obs[self.perturbation_key],
             self.control_labels,
             self.excluded_labels,
             self.perturbation_key,
+            require_contrast=False,
         )
         return self._write_groups(adata, groups)
 

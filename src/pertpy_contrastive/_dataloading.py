@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -74,6 +75,9 @@ class PairedBatchSampler(Sampler):
         For the training split: raise if a stratum has cells of only one group, and warn when
         a stratum is smaller than a minibatch. Otherwise such strata are skipped or shrunk
         silently.
+    stratum_names
+        The user's name of each stratum code, for messages (e.g. ``"batch 'rep2' of
+        obs['replicate']"``); default: the code.
     """
 
     def __init__(
@@ -85,12 +89,14 @@ class PairedBatchSampler(Sampler):
         shuffle: bool,
         seed: int,
         strict: bool = True,
+        stratum_names: Sequence[str] | None = None,
     ):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
         self.pools: list[_StratumPool] = []
         for stratum in np.unique(strata[indices]):
+            name = f"batch {stratum}" if stratum_names is None else stratum_names[stratum]
             in_stratum = indices[strata[indices] == stratum]
             background = in_stratum[groups[in_stratum] == CellGroup.BACKGROUND]
             target = in_stratum[groups[in_stratum] == CellGroup.TARGET]
@@ -98,17 +104,17 @@ class PairedBatchSampler(Sampler):
                 if strict:
                     missing = "control" if len(background) == 0 else "perturbed"
                     raise ValueError(
-                        f"Batch {stratum} (code in the registered batch_key) has no {missing} "
-                        "cells to train on, so its cells cannot be contrasted within their batch. "
-                        "Drop that batch, merge it with another, or pass batch_key=None."
+                        f"The {name} has no {missing} cells to train on, so its cells cannot be "
+                        "contrasted within their batch. Drop that batch, merge it with another, "
+                        "or pass batch_key=None."
                     )
                 continue
             step_size = min(batch_size, len(background), len(target))
             if strict and step_size < batch_size:
                 logger.warning(
-                    "Batch %s has only %d control or perturbed cells; its steps use %d cells per "
+                    "The %s has only %d control or perturbed cells; its steps use %d cells per "
                     "group instead of %d.",
-                    stratum,
+                    name,
                     step_size,
                     step_size,
                     batch_size,
@@ -235,7 +241,13 @@ class PairedDataSplitter(pl.LightningDataModule):
                     f"batch_size={max(2, n_group // 2)}."
                 )
         self.train_sampler = PairedBatchSampler(
-            self.groups, self.strata, self.train_idx, batch_size, shuffle=True, seed=seed
+            self.groups,
+            self.strata,
+            self.train_idx,
+            batch_size,
+            shuffle=True,
+            seed=seed,
+            stratum_names=_batch_names(adata_manager) if stratify_by_batch else None,
         )
         self.val_sampler = None
         if self.n_val:
@@ -260,3 +272,12 @@ class PairedDataSplitter(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_sampler) if self.val_sampler is not None else []
+
+
+def _batch_names(adata_manager: AnnDataManager) -> list[str]:
+    """How the user names each registered batch code: ``"batch 'rep2' of obs['replicate']"``."""
+    registry = adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY)
+    return [
+        f"batch {str(label)!r} of obs[{registry.original_key!r}]"
+        for label in registry.categorical_mapping
+    ]

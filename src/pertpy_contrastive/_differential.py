@@ -92,7 +92,7 @@ class DifferentialExpressionMixin:
             otherwise every cell of the target counts fully. A target without detectable
             responders then has no DE gene.
         delta
-            Smallest |log2 fold change| that counts as a change for ``proba_de``.
+            Smallest absolute log2 fold change that counts as a change for ``proba_de``.
         fdr_target
             Posterior expected FDR of the genes flagged in ``is_de_fdr_<fdr_target>``.
         probability
@@ -106,7 +106,7 @@ class DifferentialExpressionMixin:
 
         - ``lfc_mean``, ``lfc_std``, ``lfc_ci_low``, ``lfc_ci_high``: the log2 fold change,
           its standard deviation and 95% interval;
-        - ``proba_de`` (P(|LFC| > ``delta``)), ``proba_not_de``, ``bayes_factor`` (natural
+        - ``proba_de`` (``P(|LFC| > delta)``), ``proba_not_de``, ``bayes_factor`` (natural
           log) and ``is_de_fdr_<fdr_target>``;
         - ``p_value`` (Wald, H0: LFC = 0) and ``p_value_adj`` (Benjamini-Hochberg per target);
         - ``raw_mean1`` (mean count of the target's cells, weighted as tested), ``raw_mean2``

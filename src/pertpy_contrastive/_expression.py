@@ -5,7 +5,9 @@ A mixin of :class:`~pertpy_contrastive.ContrastiveVAE`, kept apart from training
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from importlib.metadata import version
 from typing import Literal
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 from anndata import AnnData
 from mudata import MuData
 
-from ._constants import GROUP_KEY, CellGroup
+from ._constants import GROUP_KEY, INFERENCE_BATCH_SIZE, NORMALISED_LIBRARY_SIZE, CellGroup
 from ._data import resolve_modality
 from ._responders import dense_counts, response_latent
 
@@ -34,19 +36,32 @@ def check_finite_latent(latent: np.ndarray) -> None:
 class ExpressionMixin:
     """Decoded expression of a trained :class:`~pertpy_contrastive.ContrastiveVAE`."""
 
+    def _provenance(self, arguments: dict) -> dict:
+        """Record what produced the outputs, as h5ad can store it (JSON strings keep ``None``)."""
+        return {
+            "package_version": version("pertpy-contrastive"),
+            "epochs_trained": self.epochs_trained,
+            "write_outputs": json.dumps(arguments, sort_keys=True),
+            "model": json.dumps(self.init_params_["non_kwargs"], sort_keys=True),
+            "setup_anndata": json.dumps(
+                self.adata_manager.registry["setup_args"], sort_keys=True, default=str
+            ),
+        }
+
     @torch.inference_mode()
     def _posterior_means(self, adata, indices) -> dict[str, torch.Tensor]:
         """Posterior means of z and s, with each cell's covariates, in one encoding pass."""
         parts = {"z": [], "s": [], "batch": [], "cat": [], "cont": []}
-        for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=1024):
-            args, _ = self.module._get_fn_args_from_batch(tensors)
-            x, group, batch_index, cat_covs, cont_covs, _ = args
-            posterior = self.module.encode(x, group, batch_index, cat_covs, cont_covs)
+        for tensors in self._make_data_loader(
+            adata=adata, indices=indices, batch_size=INFERENCE_BATCH_SIZE
+        ):
+            inputs, _ = self.module._get_fn_args_from_batch(tensors)
+            posterior = self.module.encode(*inputs.encoder_inputs)
             parts["z"].append(posterior["background"][0])
             parts["s"].append(posterior["salient"][0])
-            parts["batch"].append(batch_index)
-            parts["cat"].append(cat_covs)
-            parts["cont"].append(cont_covs)
+            parts["batch"].append(inputs.batch_index)
+            parts["cat"].append(inputs.cat_covs)
+            parts["cont"].append(inputs.cont_covs)
         return {key: torch.cat(values) for key, values in parts.items()}
 
     def _reference_indices(self, adata, reference_indices, n_reference_cells, seed) -> np.ndarray:
@@ -121,7 +136,7 @@ class ExpressionMixin:
         indices: Sequence[int] | None = None,
         reference_indices: Sequence[int] | None = None,
         n_reference_cells: int = 50,
-        library_size: float = 1e4,
+        library_size: float = NORMALISED_LIBRARY_SIZE,
         seed: int = 0,
         source: Literal["counts", "decoder"] = "counts",
         modality: str = "rna",
@@ -230,7 +245,9 @@ class ExpressionMixin:
         - ``obs['<prefix>_class']`` and ``obs['<prefix>_class_global']``: Mixscape's vocabulary,
           ``"<target> KO"`` / ``"<target> NP"`` / ``"NT"`` and ``"KO"`` / ``"NP"`` / ``"NT"``,
           KO when the probability exceeds ``threshold`` (missing for unscored cells);
-        - ``uns['<prefix>_responder_fractions']``: :meth:`get_responder_fractions` per target.
+        - ``uns['<prefix>_responder_fractions']``: :meth:`get_responder_fractions` per target;
+        - ``uns['<prefix>']``: provenance: the package version, the epochs trained, and as JSON
+          strings the arguments of this call, of the model and of ``setup_anndata``.
 
         Nothing is written unless all keys are free, or ``overwrite=True``.
 
@@ -260,7 +277,7 @@ class ExpressionMixin:
             "obsm": {kind: f"X_{prefix}_{kind}" for kind in ("salient", "background", "response")},
             "layers": {"denoised": f"{prefix}_denoised", "effect": f"{prefix}_effect"},
             "obs": {name: f"{prefix}_{name}" for name in ("p_perturbed", "class", "class_global")},
-            "uns": {"fractions": f"{prefix}_responder_fractions"},
+            "uns": {"fractions": f"{prefix}_responder_fractions", "provenance": prefix},
         }
         taken = [
             f"{attribute}[{key!r}]"
@@ -287,7 +304,7 @@ class ExpressionMixin:
             "obsm": {keys["obsm"][kind]: latent for kind, latent in latents.items()},
             "layers": {
                 keys["layers"]["denoised"]: self._background_removed_counts(
-                    target, None, reference, library_size=1e4, cells=calibrated
+                    target, None, reference, library_size=NORMALISED_LIBRARY_SIZE, cells=calibrated
                 ),
                 keys["layers"]["effect"]: self._effect(cells),
             },
@@ -303,7 +320,10 @@ class ExpressionMixin:
         outputs["uns"] = {
             keys["uns"]["fractions"]: self.get_responder_fractions(
                 target, threshold=threshold, probability=probability
-            )
+            ),
+            keys["uns"]["provenance"]: self._provenance(
+                {"threshold": threshold, "n_reference_cells": n_reference_cells, "seed": seed}
+            ),
         }
         # Written only once everything is computed, so a failure leaves the data as it was.
         for attribute, values in outputs.items():

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import random
+import signal
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import pyro
 import torch
 from anndata import AnnData
+from lightning.pytorch.trainer.states import TrainerStatus
 from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
@@ -27,7 +32,16 @@ from scvi.model.base._save_load import _load_saved_files
 from scvi.train import TrainRunner
 
 from ._calling import CallingMixin
-from ._constants import GROUP_KEY, LATENT_KINDS, TARGET_KEY, CellGroup
+from ._constants import (
+    BACKGROUND_MMD_WEIGHT,
+    GROUP_KEY,
+    INFERENCE_BATCH_SIZE,
+    LATENT_KINDS,
+    LEARNING_RATE,
+    TARGET_KEY,
+    TRAINING_BATCH_SIZE,
+    CellGroup,
+)
 from ._data import (
     PerturbationGroupField,
     PerturbationTargetField,
@@ -138,7 +152,7 @@ class ContrastiveVAE(
         likelihood: Likelihood = "zinb",
         use_observed_library: bool = True,
         wasserstein_weight: float = 0.0,
-        background_mmd_weight: float = 10.0,
+        background_mmd_weight: float = BACKGROUND_MMD_WEIGHT,
         salient_encoder_sees_group: bool = False,
         responder: bool = False,
         responder_salient_scale: float | None = 0.25,
@@ -291,9 +305,9 @@ class ContrastiveVAE(
     def train(
         self,
         max_epochs: int | None = None,
-        batch_size: int = 128,
+        batch_size: int = TRAINING_BATCH_SIZE,
         train_size: float = 0.9,
-        lr: float = 3e-3,
+        lr: float = LEARNING_RATE,
         n_epochs_kl_warmup: int | None = None,
         n_epochs_responder_warmup: int | None = None,
         early_stopping: bool = True,
@@ -306,6 +320,10 @@ class ContrastiveVAE(
         **trainer_kwargs,
     ) -> None:
         """Train on paired control/perturbed minibatches.
+
+        Interrupting training (Ctrl-C, e.g. in a notebook) keeps the weights and the history
+        trained so far, with a warning, and the model can be used. The global random states of
+        Python, NumPy and torch are left as they were: training seeds its own, from ``seed``.
 
         Parameters
         ----------
@@ -341,8 +359,6 @@ class ContrastiveVAE(
         **trainer_kwargs
             Further arguments of :class:`~scvi.train.Trainer` (e.g. ``gradient_clip_val``).
         """
-        pl.seed_everything(seed, verbose=False)
-        pyro.set_rng_seed(seed)
         data_splitter = self._data_splitter_cls(
             self.adata_manager,
             train_size=train_size,
@@ -369,7 +385,7 @@ class ContrastiveVAE(
         }
         self.module.train()  # a trained model is left in eval mode; training resumes from it
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
-        trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
+        trainer_kwargs.setdefault("early_stopping_monitor", "loss_validation")
         trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
         trainer_kwargs.setdefault(
             "early_stopping_warmup_epochs", min(n_epochs_kl_warmup, max_epochs)
@@ -384,10 +400,44 @@ class ContrastiveVAE(
             early_stopping=early_stopping,
             **trainer_kwargs,
         )
+        interrupt_handler = signal.getsignal(signal.SIGINT)
         try:
-            return runner()
+            with _seeded_random_state(seed):
+                runner()
+        except SystemExit:
+            # Lightning turns Ctrl-C into a graceful shutdown followed by sys.exit(1), and
+            # leaves Ctrl-C ignored for the rest of the session.
+            if runner.trainer.state.status != TrainerStatus.INTERRUPTED:
+                raise
+            signal.signal(signal.SIGINT, interrupt_handler)
+            self._keep_interrupted_training(data_splitter)
         finally:
             self.module.eval()  # also after a diverged run, so latents stay deterministic
+
+    @property
+    def epochs_trained(self) -> int:
+        """Training epochs completed, over all calls of :meth:`train` (0 if untrained)."""
+        # kl_weight is logged once per training epoch, by every version of the training plan.
+        return len(self.history["kl_weight"]) if self.history else 0
+
+    def _keep_interrupted_training(self, data_splitter) -> None:
+        """After Ctrl-C, keep the weights and the history trained so far, as a trained model.
+
+        scvi-tools' runner has already stored the history; it re-raises and would leave the
+        model untrained, so every latent would be refused and the training lost.
+        """
+        self.train_indices = data_splitter.train_idx
+        self.validation_indices = data_splitter.val_idx
+        self.test_indices = data_splitter.test_idx
+        self.is_trained_ = True
+        epochs = "epoch" if self.epochs_trained == 1 else "epochs"
+        warnings.warn(
+            f"Training was interrupted after {self.epochs_trained} completed {epochs}. The model "
+            "keeps the weights and the history trained so far and can be used, or trained "
+            "further with model.train().",
+            UserWarning,
+            stacklevel=3,
+        )
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -398,7 +448,7 @@ class ContrastiveVAE(
         indices: Sequence[int] | None = None,
         kind: Literal["salient", "background", "response"] = "salient",
         give_mean: bool = True,
-        batch_size: int = 1024,
+        batch_size: int = INFERENCE_BATCH_SIZE,
         modality: str = "rna",
     ) -> np.ndarray:
         """Posterior mean (or one sample) of the salient or background latent of each cell.
@@ -454,10 +504,8 @@ class ContrastiveVAE(
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
         latents = []
         for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
-            x, group, batch_index, cat_covs, cont_covs, _ = self.module._get_fn_args_from_batch(
-                tensors
-            )[0]
-            loc, scale = self.module.encode(x, group, batch_index, cat_covs, cont_covs)[kind]
+            inputs, _ = self.module._get_fn_args_from_batch(tensors)
+            loc, scale = self.module.encode(*inputs.encoder_inputs)[kind]
             latents.append(loc if give_mean else torch.distributions.Normal(loc, scale).sample())
         latent = torch.cat(latents).cpu().numpy()
         check_finite_latent(latent)
@@ -495,19 +543,41 @@ class ContrastiveVAE(
         **kwargs
             Passed to :meth:`scvi.model.base.BaseModelClass.load`.
         """
-        attributes, var_names, _, _ = _load_saved_files(
-            dir_path, load_adata=False, prefix=kwargs.get("prefix"), map_location="cpu"
-        )
-        _check_saved_version(attributes, dir_path)
+        model_file = Path(dir_path) / f"{kwargs.get('prefix') or ''}model.pt"
+        if not model_file.is_file():
+            raise FileNotFoundError(
+                f"No saved ContrastiveVAE in {str(dir_path)!r}: {model_file} does not exist. Pass "
+                "the directory given to model.save() (and its prefix= if one was used)."
+            )
+        try:
+            attributes, var_names, _, _ = _load_saved_files(
+                dir_path, load_adata=False, prefix=kwargs.get("prefix"), map_location="cpu"
+            )
+            registry = attributes["registry_"]
+        except Exception as error:
+            # torch.load of a damaged or foreign file fails deep in pickle (UnicodeDecodeError,
+            # UnpicklingError, RuntimeError, EOFError, ...), with no hint of the file.
+            raise ValueError(
+                f"{model_file} is not a valid saved ContrastiveVAE: it could not be read "
+                f"({type(error).__name__}: {error}). The file is damaged or was not written by "
+                "model.save(); save the model again."
+            ) from error
+        _check_saved_model(registry, dir_path, cls.__name__)
         if adata is not None:
             adata = resolve_modality(adata, modality)
             _check_same_genes(np.asarray(var_names), adata)
         return super().load(dir_path, adata=adata, **kwargs)
 
 
-def _check_saved_version(attributes: dict, dir_path: str) -> None:
-    """Refuse, with the way out, models saved before the responder model (version 0.1)."""
-    fields = attributes["registry_"]["field_registries"]
+def _check_saved_model(registry: dict, dir_path: str, expected: str) -> None:
+    """Refuse, with the way out, other models and models saved before the responder model (0.1)."""
+    model_name = registry.get("model_name")
+    if model_name != expected:
+        raise ValueError(
+            f"{str(dir_path)!r} holds a saved {model_name or 'unknown'} model, not a "
+            f"{expected}. Load it with its own class (e.g. scvi.model.{model_name}.load)."
+        )
+    fields = registry["field_registries"]
     if GROUP_KEY in fields and TARGET_KEY not in fields:
         raise ValueError(
             f"The model in {dir_path!r} was saved by pertpy-contrastive 0.1, before the responder "
@@ -538,3 +608,21 @@ def _check_same_genes(expected: np.ndarray, adata: AnnData) -> None:
 
 
 __all__ = ["CellGroup", "ContrastiveVAE"]
+
+
+@contextlib.contextmanager
+def _seeded_random_state(seed: int):
+    """Seed Python, NumPy, torch and Pyro for training, and restore the caller's states after.
+
+    Training draws from the global generators (dropout, the reparametrised samples, Lightning),
+    so it cannot use private ones; restoring them keeps the user's session unaffected.
+    """
+    # The legacy global state is the one to restore: it is what Pyro seeds.
+    python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        pyro.set_rng_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)  # noqa: NPY002

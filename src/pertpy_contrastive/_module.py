@@ -37,7 +37,7 @@ each perturbed cell's z.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import pyro
 import pyro.distributions as dist
@@ -49,14 +49,36 @@ from scvi.module.base import PyroBaseModuleClass, auto_move_data
 from scvi.nn import DecoderSCVI, Encoder
 from torch import nn
 
-from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, TARGET_KEY, CellGroup
+from ._constants import (
+    BACKGROUND_MMD_WEIGHT,
+    CELL_WEIGHT_KEY,
+    GROUP_KEY,
+    NORMALISED_LIBRARY_SIZE,
+    TARGET_KEY,
+    CellGroup,
+)
 from ._likelihoods import LIKELIHOODS, Likelihood, count_distribution
 
-_NORMALISED_LIBRARY = 1e4
 _TINY = 1e-30
 SALIENT_EFFECTS = ("nonlinear", "additive")
 SalientEffect = Literal["nonlinear", "additive"]
 _MMD_KERNEL_WIDTHS = (0.25, 1.0, 4.0)  # squared widths per latent dimension
+
+
+class ModelInputs(NamedTuple):
+    """Positional arguments of the model and the guide, read from one minibatch."""
+
+    x: torch.Tensor
+    group: torch.Tensor
+    batch_index: torch.Tensor
+    cat_covs: torch.Tensor
+    cont_covs: torch.Tensor
+    target: torch.Tensor
+
+    @property
+    def encoder_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The arguments of :meth:`ContrastivePyroModule.encode`: all but the target."""
+        return self.x, self.group, self.batch_index, self.cat_covs, self.cont_covs
 
 
 class ContrastivePyroModule(PyroBaseModuleClass):
@@ -128,7 +150,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         library_log_means: torch.Tensor | None = None,
         library_log_vars: torch.Tensor | None = None,
         wasserstein_weight: float = 0.0,
-        background_mmd_weight: float = 10.0,
+        background_mmd_weight: float = BACKGROUND_MMD_WEIGHT,
         salient_encoder_sees_group: bool = False,
         responder: bool = False,
         responder_salient_scale: float | None = 0.25,
@@ -192,8 +214,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             n_cat_list=covariate_sizes,
             **network,
         )
-        # Gene-wise inverse dispersion theta_g, a point estimate kept in the state dict.
-        self.log_dispersion = nn.Parameter(torch.zeros(n_genes))
+        # Gene-wise inverse dispersion theta_g (log), a point estimate kept in the state dict.
+        self.log_inverse_dispersion = nn.Parameter(torch.zeros(n_genes))
+        self._register_load_state_dict_pre_hook(_rename_legacy_dispersion)
         if additive:
             # log rho = f(z, c) + W s: each salient direction is a fixed direction of log fold
             # changes over the genes (unit norm, see _decode).
@@ -207,22 +230,22 @@ class ContrastivePyroModule(PyroBaseModuleClass):
 
     @property
     def device(self) -> torch.device:
-        return self.log_dispersion.device
+        return self.log_inverse_dispersion.device
 
     @staticmethod
-    def _get_fn_args_from_batch(tensors: dict[str, torch.Tensor]):
+    def _get_fn_args_from_batch(tensors: dict[str, torch.Tensor]) -> tuple[ModelInputs, dict]:
         """Model/guide arguments from a minibatch of scvi-tools' registry tensors."""
         x = tensors[REGISTRY_KEYS.X_KEY]
         # Absent covariates become zero-width tensors, so that model and guide take tensors only
         # (as JIT tracing requires) and need no branches.
         no_covariates = x.new_zeros((x.shape[0], 0))
-        args = (
-            x,
-            tensors[GROUP_KEY].reshape(-1).long(),
-            tensors[REGISTRY_KEYS.BATCH_KEY].long(),
-            tensors.get(REGISTRY_KEYS.CAT_COVS_KEY, no_covariates).long(),
-            tensors.get(REGISTRY_KEYS.CONT_COVS_KEY, no_covariates).float(),
-            tensors[TARGET_KEY].reshape(-1).long(),
+        args = ModelInputs(
+            x=x,
+            group=tensors[GROUP_KEY].reshape(-1).long(),
+            batch_index=tensors[REGISTRY_KEYS.BATCH_KEY].long(),
+            cat_covs=tensors.get(REGISTRY_KEYS.CAT_COVS_KEY, no_covariates).long(),
+            cont_covs=tensors.get(REGISTRY_KEYS.CONT_COVS_KEY, no_covariates).float(),
+            target=tensors[TARGET_KEY].reshape(-1).long(),
         )
         cell_weight = tensors.get(CELL_WEIGHT_KEY)
         return args, {"cell_weight": None if cell_weight is None else cell_weight.reshape(-1)}
@@ -284,7 +307,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                     z, used_salient, cont_covs, log_library, covariates
                 )
                 counts = count_distribution(
-                    self.likelihood, rate, self.log_dispersion.exp(), gate_logits
+                    self.likelihood, rate, self.log_inverse_dispersion.exp(), gate_logits
                 )
                 pyro.sample("counts", counts.to_event(1), obs=x)
                 return
@@ -368,7 +391,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         x_both, z_both, library_both, cont_both, *covariates_both = stacked
         s_both = torch.cat([torch.zeros_like(s), s[cells]])
         rate, gate_logits = self._decode(z_both, s_both, cont_both, library_both, covariates_both)
-        counts = count_distribution(self.likelihood, rate, self.log_dispersion.exp(), gate_logits)
+        counts = count_distribution(
+            self.likelihood, rate, self.log_inverse_dispersion.exp(), gate_logits
+        )
         log_likelihood = counts.log_prob(x_both).sum(-1)
         unperturbed, perturbed = log_likelihood[:n_cells], log_likelihood[n_cells:]
 
@@ -447,26 +472,32 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 salient_loc, salient_scale = posterior["salient"]
                 distance = (salient_loc.square() + salient_scale.square()).sum(-1)
                 is_background = (group == CellGroup.BACKGROUND).to(distance.dtype)
-                pyro.factor(
-                    "background_salient_wasserstein",
-                    self.wasserstein_weight * distance * is_background,
-                    has_rsample=True,
-                )
+                wasserstein = self.wasserstein_weight * distance * is_background
+                pyro.factor("background_salient_wasserstein", wasserstein, has_rsample=True)
             if not self.use_observed_library:
                 pyro.sample("log_library", dist.Normal(*posterior["log_library"]).to_event(1))
         # Guides are assigned at random, so perturbed cells' background states follow the
         # controls' distribution. A step pairs controls and targets of one batch; any difference
         # between their background latents is perturbation effect that belongs in s, and the
         # maximum mean discrepancy penalises it. One value per step: it is not scaled per cell.
-        pyro.factor(
-            "background_mmd",
-            self.background_mmd_weight * _group_mmd(posterior["background"][0], group),
-            has_rsample=True,
-        )
+        mmd = self.background_mmd_weight * _group_mmd(posterior["background"][0], group)
+        pyro.factor("background_mmd", mmd, has_rsample=True)
+        # What each penalty in use added to this step's loss, scaled as the ELBO scaled it, so
+        # that the training plan can log the ELBO and the penalties apart.
+        penalties = {
+            "background_mmd": (self.background_mmd_weight, mmd),
+            "salient_wasserstein": (
+                self.wasserstein_weight,
+                (kl_weight * _scale(cell_weight) * wasserstein).sum(),
+            ),
+        }
+        self.last_penalties = {
+            name: value.detach() for name, (weight, value) in penalties.items() if weight > 0
+        }
 
     def encode(self, x, group, batch_index, cat_covs, cont_covs) -> dict[str, tuple]:
         """Posterior ``(loc, scale)`` of each latent from counts and covariates."""
-        normalised = x / x.sum(-1, keepdim=True).clamp(min=1.0) * _NORMALISED_LIBRARY
+        normalised = x / x.sum(-1, keepdim=True).clamp(min=1.0) * NORMALISED_LIBRARY_SIZE
         encoder_input = torch.cat([torch.log1p(normalised), cont_covs], dim=-1)
         covariates = _categorical_covariates(batch_index, cat_covs)
         salient_covariates = covariates
@@ -520,3 +551,10 @@ def _standard_normal(like: torch.Tensor, n_cells: int, dim: int) -> dist.TorchDi
 def _loc_scale(encoder: Encoder, encoder_input, covariates) -> tuple[torch.Tensor, torch.Tensor]:
     loc, variance, _ = encoder(encoder_input, *covariates)
     return loc, variance.sqrt()
+
+
+def _rename_legacy_dispersion(state_dict, prefix, *args) -> None:
+    """Load models saved by earlier versions, which named ``log_inverse_dispersion`` ``log_dispersion``."""
+    legacy = f"{prefix}log_dispersion"
+    if legacy in state_dict:
+        state_dict[f"{prefix}log_inverse_dispersion"] = state_dict.pop(legacy)

@@ -20,7 +20,13 @@ from scipy import sparse, special, stats
 from scvi import REGISTRY_KEYS
 
 from . import _responder_mixture as mixture
-from ._constants import GROUP_KEY, TARGET_KEY, CellGroup
+from ._constants import (
+    GROUP_KEY,
+    RESPONDER_FOLDS,
+    RESPONDER_GENE_FDR,
+    TARGET_KEY,
+    CellGroup,
+)
 from ._data import resolve_modality
 
 CONTROL_CLASS = "NT"
@@ -61,8 +67,8 @@ class ResponderMixin:
         self,
         adata: AnnData | MuData | None = None,
         indices: Sequence[int] | None = None,
-        gene_fdr: float = 0.05,
-        n_folds: int = 5,
+        gene_fdr: float = RESPONDER_GENE_FDR,
+        n_folds: int = RESPONDER_FOLDS,
         use_target_gene: bool = False,
         seed: int = 0,
         modality: str = "rna",
@@ -113,7 +119,13 @@ class ResponderMixin:
         return probability if indices is None else probability[np.asarray(indices)]
 
     def _responder_probability(
-        self, adata, cells, gene_fdr=0.05, n_folds=5, use_target_gene=False, seed=0
+        self,
+        adata,
+        cells,
+        gene_fdr=RESPONDER_GENE_FDR,
+        n_folds=RESPONDER_FOLDS,
+        use_target_gene=False,
+        seed=0,
     ) -> np.ndarray:
         """:meth:`get_responder_probability` on an already decoded ``CalibratedBackground``."""
         labels = self.adata_manager.get_state_registry(TARGET_KEY)["target_labels"]
@@ -186,9 +198,9 @@ class ResponderMixin:
     def _dispersion(self) -> torch.Tensor:
         if self.module.likelihood == "poisson":
             return torch.full_like(
-                self.module.log_dispersion, mixture.POISSON_DISPERSION, dtype=torch.float64
+                self.module.log_inverse_dispersion, mixture.POISSON_DISPERSION, dtype=torch.float64
             ).cpu()
-        return self.module.log_dispersion.detach().exp().double().cpu()
+        return self.module.log_inverse_dispersion.detach().exp().double().cpu()
 
     def _responder_calls(self, adata: AnnData, probability: np.ndarray, threshold: float):
         """Mixscape-style classes from responder probabilities."""

@@ -12,7 +12,7 @@ import pyro
 import torch
 from scvi.train import LowLevelPyroTrainingPlan
 
-from ._constants import CELL_WEIGHT_KEY
+from ._constants import CELL_WEIGHT_KEY, LEARNING_RATE
 from ._module import ContrastivePyroModule
 
 
@@ -47,7 +47,7 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
     def __init__(
         self,
         pyro_module: ContrastivePyroModule,
-        lr: float = 3e-3,
+        lr: float = LEARNING_RATE,
         weight_decay: float = 1e-6,
         n_epochs_kl_warmup: int | None = None,
         n_steps_kl_warmup: int | None = None,
@@ -122,17 +122,32 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
                 "counts for extreme outliers. The model is left as it was before this step."
             )
         n_cells = len(batch[CELL_WEIGHT_KEY])
-        self.log(
-            "elbo_train", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n_cells
-        )
+        self._log_loss_terms(loss, "train", n_cells)
         self.log("kl_weight", kl_weight, on_step=False, on_epoch=True, batch_size=n_cells)
         return loss
 
     def validation_step(self, batch, batch_idx):
         """Negative ELBO of one validation step, at full KL weight."""
         loss = self._negative_elbo(batch, kl_weight=1.0, salient_scale=self._salient_scale())
-        n_cells = len(batch[CELL_WEIGHT_KEY])
-        self.log("elbo_validation", loss, on_epoch=True, prog_bar=True, batch_size=n_cells)
+        self._log_loss_terms(loss, "validation", len(batch[CELL_WEIGHT_KEY]))
+
+    def _log_loss_terms(self, loss: torch.Tensor, stage: str, n_cells: int) -> None:
+        """Log ``loss_<stage>`` (the monitored total), the negative ELBO and each penalty apart.
+
+        The penalties are guide factors, so ``Trace_ELBO`` adds them to the loss; the negative
+        ELBO is what remains. Penalties whose weight is 0 are not logged.
+        """
+        penalties = self.module.last_penalties
+        terms = {"loss": loss, "elbo": loss.detach() - sum(penalties.values()), **penalties}
+        for name, value in terms.items():
+            self.log(
+                f"{name}_{stage}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=name == "loss",
+                batch_size=n_cells,
+            )
 
     def on_train_epoch_end(self):
         """Metrics are logged per step with ``on_epoch=True``; nothing is left to reduce."""

@@ -103,7 +103,8 @@ def perturbation_labels(
     multiple_label
         Label the mixture model uses for cells with too many guides.
     separator
-        Separator of several guides in one label.
+        Separator of several guides in one label, and of the targets in a combined label
+        (``multiple="combine"``).
     key_added
         obs column written: on the RNA modality for a MuData, else on ``data``.
     guide_key_added
@@ -183,7 +184,7 @@ def perturbation_labels(
             labels.append(perturbing[0])
             outcomes["single target"] += 1
         elif multiple == "combine":
-            labels.append("+".join(perturbing))
+            labels.append(separator.join(perturbing))
             outcomes["combination"] += 1
         else:
             labels.append(None)

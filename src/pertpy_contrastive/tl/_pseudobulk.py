@@ -9,6 +9,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._data import get_count_matrix
+
 
 def responder_pseudobulk(
     adata: AnnData,
@@ -96,7 +98,7 @@ def responder_pseudobulk(
         responded = norm > np.quantile(norm[is_control], quantile)
     keep = is_control | (labels.notna().to_numpy() & responded)
 
-    counts = adata.X if layer is None else adata.layers[layer]
+    counts = get_count_matrix(adata, layer)
     groups = pd.DataFrame(
         {
             perturbation_key: labels.to_numpy()[keep],
