@@ -205,11 +205,15 @@ def test_setup_logs_the_cell_groups_once_through_scvi_tools_logger(screen):
     handler = logging.Handler()
     handler.emit = records.append
     scvi_logger = logging.getLogger("scvi")
+    # scvi-tools' default verbosity; the command line's tests, run in-process, lower it.
+    level = scvi_logger.level
+    scvi_logger.setLevel(logging.INFO)
     scvi_logger.addHandler(handler)
     try:
         setup(screen)
     finally:
         scvi_logger.removeHandler(handler)
+        scvi_logger.setLevel(level)
     messages = [record.getMessage() for record in records]
     assert sum(message.startswith("Cell groups from obs") for message in messages) == 1
 

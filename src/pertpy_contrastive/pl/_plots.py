@@ -37,7 +37,7 @@ _HORIZONTAL = (
 )
 
 
-def _finish(figure: Figure, *, return_fig: bool, save: str | Path | None) -> Figure | None:
+def finish_figure(figure: Figure, *, return_fig: bool, save: str | Path | None) -> Figure | None:
     """Save the figure if asked, then return it or show it (pertpy's convention)."""
     import matplotlib.pyplot as plt
 
@@ -298,7 +298,7 @@ def latents(
             axis.set_ylabel(f"{stem}2")
             axis.set_xticks([])
             axis.set_yticks([])
-    return _finish(figure, return_fig=return_fig, save=save)
+    return finish_figure(figure, return_fig=return_fig, save=save)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +467,7 @@ def perturbation_ranking(
         loc="lower right",
         fontsize="small",
     )
-    return _finish(figure, return_fig=return_fig, save=save)
+    return finish_figure(figure, return_fig=return_fig, save=save)
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,7 +633,7 @@ def responder_probabilities(
     axis.set_xlabel("P(perturbed)")
     axis.set_ylabel(perturbation_key)
     axis.set_title(f"Responder probability (KO above {threshold:g})")
-    return _finish(figure, return_fig=return_fig, save=save)
+    return finish_figure(figure, return_fig=return_fig, save=save)
 
 
 # --------------------------------------------------------------------------------------------
@@ -761,4 +761,4 @@ def training_history(
             axis.legend(fontsize="small")
     for axis in flat[len(terms) :]:
         axis.remove()
-    return _finish(figure, return_fig=return_fig, save=save)
+    return finish_figure(figure, return_fig=return_fig, save=save)

@@ -19,6 +19,7 @@ from scipy import stats
 
 from .._model import ContrastiveVAE
 from .._responders import response_latent
+from ..pl._plots import finish_figure
 from ._distance import distance_test
 
 PSEUDO_PREFIX = "pseudo:"
@@ -71,12 +72,7 @@ class CalibrationCheck:
         axis.set_title("Negative-control pseudo-targets")
         axis.legend(fontsize="small")
         figure.tight_layout()
-        if save is not None:
-            figure.savefig(save, bbox_inches="tight")
-        if return_fig:
-            return figure
-        plt.show()
-        return None
+        return finish_figure(figure, return_fig=return_fig, save=save)
 
 
 def calibration_check(
