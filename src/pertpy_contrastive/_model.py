@@ -28,6 +28,7 @@ from scvi.data.fields import (
 )
 from scvi.model._utils import _init_library_size, get_max_epochs_heuristic
 from scvi.model.base import BaseModelClass
+from scvi.model.base._constants import SAVE_KEYS
 from scvi.model.base._save_load import _load_saved_files
 from scvi.train import TrainRunner
 
@@ -543,7 +544,7 @@ class ContrastiveVAE(
         **kwargs
             Passed to :meth:`scvi.model.base.BaseModelClass.load`.
         """
-        model_file = Path(dir_path) / f"{kwargs.get('prefix') or ''}model.pt"
+        model_file = Path(dir_path) / f"{kwargs.get('prefix') or ''}{SAVE_KEYS.MODEL_FNAME}"
         if not model_file.is_file():
             raise FileNotFoundError(
                 f"No saved ContrastiveVAE in {str(dir_path)!r}: {model_file} does not exist. Pass "
