@@ -15,9 +15,11 @@ All methods run in one process on the same screen (``simulate_screen``):
   gene) is averaged over targets (mAP);
 - **model-based DE** (``model.differential_expression``, responders against their own
   background): mAP with genes ranked by ``p_value`` (ties by |``lfc_mean``|) and by
-  ``proba_de``; the false discovery proportion and the fraction of true genes among the genes
-  flagged ``is_de_fdr_0.05``; and, over null targets with every cell counting
-  (``responders_only=False``), the fraction of p-values below 0.05 and 0.01 (calibration). The
+  ``proba_de``; the false discovery proportion (per target and pooled over the effect targets'
+  calls, with its standard error) and the fraction of true genes among the genes flagged
+  ``is_de_fdr_0.05``; the genes null targets get flagged besides their target gene; and, over
+  null targets with every cell counting (``responders_only=False``), the fraction of p-values
+  below 0.05 and 0.01 (calibration). The
   calling AUROC of ContrastiveVAE is also reported on its response latent.
 
 The VAEs are trained with several seeds (mean ± sd reported); Mixscape and PCA are
@@ -109,7 +111,13 @@ MODEL_DE_ROWS = {
     "map_p_value": "DE recovery mAP, genes ranked by p-value",
     "map_proba_de": "DE recovery mAP, genes ranked by proba_de",
     "false_discovery_proportion": "false discovery proportion of `is_de_fdr_0.05` (effect targets)",
+    "pooled_false_discovery_proportion": "false discovery proportion of `is_de_fdr_0.05`, pooled "
+    "over effect targets' calls",
+    "pooled_false_discovery_se": "its standard error (binomial, over the pooled calls)",
     "true_positive_rate": "fraction of true genes flagged `is_de_fdr_0.05` (effect targets)",
+    "null_target_calls": "null targets: genes flagged `is_de_fdr_0.05` besides the target gene "
+    "(responder-weighted, all null targets)",
+    "null_target_calls_every_cell": "null targets: the same, every cell counting",
     "null_below_05": "null targets, every cell counting: fraction of p-values < 0.05",
     "null_below_01": "null targets, every cell counting: fraction of p-values < 0.01",
 }
@@ -120,9 +128,13 @@ def model_de_scores(model, adata, truth) -> dict[str, float]:
     de = model.differential_expression()
     every_cell = model.differential_expression(responders_only=False)
     scores = {key: [] for key in MODEL_DE_ROWS}
+    false_calls = calls = null_calls = null_calls_every_cell = 0
     for target, table in de.groupby("group1"):
         if target not in truth:
+            off_target = table.index != target
+            null_calls += int(table.loc[off_target, "is_de_fdr_0.05"].sum())
             null = every_cell[(every_cell["group1"] == target) & (every_cell.index != target)]
+            null_calls_every_cell += int(null["is_de_fdr_0.05"].sum())
             scores["null_below_05"].append((null["p_value"] < 0.05).mean())
             scores["null_below_01"].append((null["p_value"] < 0.01).mean())
             continue
@@ -136,6 +148,13 @@ def model_de_scores(model, adata, truth) -> dict[str, float]:
             (flagged & ~is_true).sum() / max(flagged.sum(), 1)
         )
         scores["true_positive_rate"].append((flagged & is_true).sum() / is_true.sum())
+        false_calls += int((flagged & ~is_true).sum())
+        calls += int(flagged.sum())
+    pooled = false_calls / max(calls, 1)
+    scores["pooled_false_discovery_proportion"] = [pooled]
+    scores["pooled_false_discovery_se"] = [np.sqrt(pooled * (1 - pooled) / max(calls, 1))]
+    scores["null_target_calls"] = [null_calls]
+    scores["null_target_calls_every_cell"] = [null_calls_every_cell]
     return {key: float(np.mean(values)) for key, values in scores.items()}
 
 

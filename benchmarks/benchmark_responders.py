@@ -177,7 +177,7 @@ def main():
             response = response_latent(salient, probability)
             rows["calling_ours"].append(calling_auroc(adata, response, effect_targets))
             rows["calling_salient"].append(calling_auroc(adata, salient, effect_targets))
-            fractions = model.get_responder_fractions(probability=probability)
+            fractions = model.get_responder_fractions()
             coverage, error = fraction_accuracy(adata, fractions)
             rows["coverage"].append(coverage)
             rows["fraction_error"].append(error)

@@ -51,3 +51,9 @@ RESPONDER_GENE_FDR = 0.05
 
 RESPONDER_FOLDS = 5
 """Folds of the responder calls' cross-fitting."""
+
+DE_DELTA = 0.25
+"""Smallest absolute log2 fold change that ``differential_expression`` counts as a change."""
+
+DE_FDR_TARGET = 0.05
+"""Posterior expected FDR of the genes ``differential_expression`` flags."""

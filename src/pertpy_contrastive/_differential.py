@@ -40,7 +40,7 @@ from scipy import special, stats
 from scvi.model.base._de_core import _fdr_de_prediction
 
 from . import _responder_mixture as mixture
-from ._constants import TARGET_KEY
+from ._constants import DE_DELTA, DE_FDR_TARGET, TARGET_KEY
 from ._responders import dense_counts
 
 _SCORING_STEPS = 25
@@ -65,8 +65,8 @@ class DifferentialExpressionMixin:
         group2: str | None = None,
         *,
         responders_only: bool = True,
-        delta: float = 0.25,
-        fdr_target: float = 0.05,
+        delta: float = DE_DELTA,
+        fdr_target: float = DE_FDR_TARGET,
         probability: np.ndarray | None = None,
         modality: str = "rna",
     ) -> pd.DataFrame:
@@ -137,20 +137,33 @@ class DifferentialExpressionMixin:
                 )
             tested = requested
         if responders_only and probability is None:
-            probability = self._responder_probability(adata, cells)
+            probability = self._responder_evidence(adata, cells).probability
         elif responders_only and len(probability) != adata.n_obs:
             raise ValueError(
                 f"probability has {len(probability)} values for {adata.n_obs} cells. Pass the "
                 "responder probabilities of these cells, get_responder_probability(adata), or "
                 "leave probability unset."
             )
+        return self._differential_expression(
+            adata, cells, tested, probability if responders_only else None, delta, fdr_target
+        )
+
+    def _differential_expression(
+        self, adata, cells, tested, probability, delta, fdr_target
+    ) -> pd.DataFrame:
+        """:meth:`differential_expression` of validated ``tested`` targets on decoded ``cells``.
+
+        ``probability`` weighs the cells; ``None`` counts every cell fully.
+        """
+        labels = list(self.adata_manager.get_state_registry(TARGET_KEY)["target_labels"])
+        control = self.get_setup_arg("control")
         controls = cells.control_cells
         tables = []
         for label in tested:
             members = cells.of_target(labels.index(label))
             counts = dense_counts(cells.counts[members])
             weights = torch.as_tensor(
-                probability[members] if responders_only else np.ones(len(members)),
+                np.ones(len(members)) if probability is None else probability[members],
                 dtype=torch.float64,
             )
             table = _gene_effect_table(

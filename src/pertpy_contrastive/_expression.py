@@ -309,7 +309,8 @@ class ExpressionMixin:
                 keys["layers"]["effect"]: self._effect(cells),
             },
         }
-        probability = self._responder_probability(target, calibrated, seed=seed)
+        evidence = self._responder_evidence(target, calibrated, seed=seed)
+        probability = evidence.probability
         outputs["obsm"][keys["obsm"]["response"]] = response_latent(latents["salient"], probability)
         target_class, global_class = self._responder_calls(target, probability, threshold)
         outputs["obs"] = {
@@ -318,8 +319,8 @@ class ExpressionMixin:
             keys["obs"]["class_global"]: global_class,
         }
         outputs["uns"] = {
-            keys["uns"]["fractions"]: self.get_responder_fractions(
-                target, threshold=threshold, probability=probability
+            keys["uns"]["fractions"]: self._responder_fractions(
+                target, evidence, "target", 0.95, threshold
             ),
             keys["uns"]["provenance"]: self._provenance(
                 {"threshold": threshold, "n_reference_cells": n_reference_cells, "seed": seed}

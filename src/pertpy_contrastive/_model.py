@@ -550,6 +550,8 @@ class ContrastiveVAE(
                 f"No saved ContrastiveVAE in {str(dir_path)!r}: {model_file} does not exist. Pass "
                 "the directory given to model.save() (and its prefix= if one was used)."
             )
+        # Read here and again by scvi-tools' load, which has no hook between reading the file and
+        # building the model; the checks need the registry first, and the file is a few MB.
         try:
             attributes, var_names, _, _ = _load_saved_files(
                 dir_path, load_adata=False, prefix=kwargs.get("prefix"), map_location="cpu"

@@ -59,6 +59,23 @@ class CalibratedBackground:
         )
 
 
+@dataclass(frozen=True)
+class ResponderEvidence:
+    """Per-cell output of the responder mixture over a whole AnnData (arrays of ``n_obs``)."""
+
+    log_ratio: np.ndarray
+    """Cross-fitted log-likelihood ratio of response; NaN for cells not scored."""
+    control_p_value: np.ndarray
+    """P-value of the ratio among the controls' under the same effect; NaN if not scored."""
+    log_odds: np.ndarray
+    """Posterior log odds: ``-inf`` for controls and for cells of targets without a detectable
+    response, NaN for cells whose label is not a trained target."""
+
+    @property
+    def probability(self) -> np.ndarray:
+        return special.expit(self.log_odds)
+
+
 class ResponderMixin:
     """Responder outputs of a trained :class:`~pertpy_contrastive.ContrastiveVAE`."""
 
@@ -113,12 +130,11 @@ class ResponderMixin:
         (no guide, several targets, or a label absent from training), P(y = 1 | x) otherwise.
         """
         adata, cells = self._calibrated_background(adata, modality)
-        probability = self._responder_probability(
-            adata, cells, gene_fdr, n_folds, use_target_gene, seed
-        )
+        evidence = self._responder_evidence(adata, cells, gene_fdr, n_folds, use_target_gene, seed)
+        probability = evidence.probability
         return probability if indices is None else probability[np.asarray(indices)]
 
-    def _responder_probability(
+    def _responder_evidence(
         self,
         adata,
         cells,
@@ -126,18 +142,22 @@ class ResponderMixin:
         n_folds=RESPONDER_FOLDS,
         use_target_gene=False,
         seed=0,
-    ) -> np.ndarray:
-        """:meth:`get_responder_probability` on an already decoded ``CalibratedBackground``."""
+    ) -> ResponderEvidence:
+        """Compute the responder mixture's evidence for every cell of decoded ``cells``."""
         labels = self.adata_manager.get_state_registry(TARGET_KEY)["target_labels"]
-        log_odds = np.full(adata.n_obs, np.nan)
-        log_odds[cells.controls] = -np.inf
+        evidence = ResponderEvidence(
+            log_ratio=np.full(adata.n_obs, np.nan),
+            control_p_value=np.full(adata.n_obs, np.nan),
+            log_odds=np.full(adata.n_obs, np.nan),
+        )
+        evidence.log_odds[cells.controls] = -np.inf
         rng = np.random.default_rng(seed)
         for index, label in enumerate(labels):
             members = cells.of_target(index)
             if len(members) == 0:
                 continue
             allowed = torch.as_tensor(use_target_gene | (adata.var_names != label))
-            log_odds[members] = mixture.cross_fitted_log_odds(
+            target = mixture.cross_fitted_evidence(
                 dense_counts(cells.counts[members]),
                 cells.background[members],
                 cells.dispersion,
@@ -146,8 +166,11 @@ class ResponderMixin:
                 n_folds,
                 rng,
                 cells.control_cells,
-            ).numpy()
-        return special.expit(log_odds)
+            )
+            evidence.log_ratio[members] = target.log_ratio
+            evidence.control_p_value[members] = target.control_p_value
+            evidence.log_odds[members] = target.log_odds
+        return evidence
 
     def _calibrated_background(
         self, adata, modality, posterior_means=None
@@ -227,16 +250,20 @@ class ResponderMixin:
         by: Literal["target", "guide"] = "target",
         level: float = 0.95,
         threshold: float = 0.5,
-        probability: np.ndarray | None = None,
+        seed: int = 0,
         modality: str = "rna",
     ) -> pd.DataFrame:
-        """Fraction of each target's (or guide's) cells that responded, with a credible interval.
+        """Fraction of each target's (or guide's) cells that responded, with an interval.
 
-        The fraction of a group of n cells has the variational posterior
-        ``Beta(1 + sum_n p_n, 1 + sum_n (1 - p_n))`` (a uniform prior on the fraction, updated
-        with each cell's responder probability p_n). Its mean and central ``level`` interval are
-        reported. Different guides against one gene differ in efficiency: ``by="guide"`` shows
-        which guides worked.
+        The fraction is the mean responder probability of the group's cells (with a uniform
+        prior, ``(1 + sum_n p_n) / (2 + n)``). The interval allows for weak evidence, where the
+        data barely tell "a few cells shifted a lot" from "many shifted a little": its lower end
+        is the share of cells that stand out from the controls (Storey's estimate at its
+        confidence limit), its upper end the limit of the mixture likelihood's fraction, which
+        leans high (``_responder_mixture.fraction_bounds``). Cells without a detectable
+        response (their target, or their fold's effect, has no effect gene) count as
+        non-responders. Different guides against one gene differ in efficiency:
+        ``by="guide"`` shows which guides worked.
 
         Parameters
         ----------
@@ -246,59 +273,76 @@ class ResponderMixin:
             ``"target"`` (the perturbation label) or ``"guide"`` (the ``guide_key`` given to
             :meth:`setup_anndata`).
         level
-            Probability mass of the credible interval.
+            Coverage of the interval.
         threshold
             Probability above which a cell is counted in ``n_called``.
-        probability
-            Responder probabilities of the cells of ``adata``, if already computed with
-            :meth:`get_responder_probability`.
+        seed
+            Seed of the cross-fitting folds, as in :meth:`get_responder_probability`.
         modality
             Modality when ``adata`` is a MuData.
 
         Returns
         -------
         DataFrame indexed by target or guide, with columns ``target``, ``n_cells``,
-        ``responder_fraction`` (posterior mean), ``ci_low``, ``ci_high`` and ``n_called`` (cells
-        above ``threshold``).
+        ``responder_fraction``, ``ci_low``, ``ci_high`` and ``n_called`` (cells above
+        ``threshold``).
         """
-        adata = self.adata if adata is None else resolve_modality(adata, modality)
-        if probability is None:
-            probability = self.get_responder_probability(adata)
-        perturbation_key = self.get_setup_arg("perturbation_key")
-        guide_key = self.get_setup_arg("guide_key")
-        if by == "guide" and guide_key is None:
+        if by not in ("target", "guide"):
+            raise ValueError(f"by must be 'target' or 'guide', got {by!r}.")
+        if by == "guide" and self.get_setup_arg("guide_key") is None:
             raise ValueError(
                 "The model was set up without guide_key, so guides are unknown. Pass "
                 "guide_key=<obs column of each cell's guide> to ContrastiveVAE.setup_anndata "
                 "(pp.perturbation_labels writes one with guide_key_added=...)."
             )
-        if by not in ("target", "guide"):
-            raise ValueError(f"by must be 'target' or 'guide', got {by!r}.")
+        adata, cells = self._calibrated_background(adata, modality)
+        evidence = self._responder_evidence(adata, cells, seed=seed)
+        return self._responder_fractions(adata, evidence, by, level, threshold)
+
+    def _responder_fractions(self, adata, evidence, by, level, threshold) -> pd.DataFrame:
+        """:meth:`get_responder_fractions` from already computed evidence."""
+        perturbation_key = self.get_setup_arg("perturbation_key")
+        guide_key = self.get_setup_arg("guide_key")
         groups = self.get_anndata_manager(adata).get_from_registry(GROUP_KEY).ravel()
-        scored = ~np.isnan(probability) & (groups != CellGroup.BACKGROUND)
-        obs = pd.DataFrame(
-            {
-                "target": adata.obs[perturbation_key].astype(str).to_numpy(),
-                "group": adata.obs[guide_key if by == "guide" else perturbation_key]
-                .astype(str)
-                .to_numpy(),
-                "p": probability,
+        probability = evidence.probability
+        in_group = ~np.isnan(probability) & (groups != CellGroup.BACKGROUND)
+        group_labels = adata.obs[guide_key if by == "guide" else perturbation_key].astype(str)
+        target_labels = adata.obs[perturbation_key].astype(str).to_numpy()
+        candidates = np.flatnonzero(in_group)
+        candidate_groups = pd.Series(group_labels.to_numpy()[candidates])
+        members_by_group = candidate_groups.groupby(candidate_groups, sort=True).indices
+        rows = {}
+        for group, positions in members_by_group.items():
+            members = candidates[positions]
+            cell_probability = probability[members]
+            scored = ~np.isnan(evidence.control_p_value[members])
+            n_cells, responded = len(members), float(cell_probability.sum())
+            if scored.any():
+                low, high = mixture.fraction_bounds(
+                    evidence.log_ratio[members][scored],
+                    evidence.control_p_value[members][scored],
+                    level,
+                )
+                # Unscored cells count as non-responders, as in the point estimate.
+                share = scored.mean()
+                low, high = low * share, high * share
+            else:
+                low = high = 0.0
+            # Never narrower than the spread of the cells' own probabilities.
+            spread = stats.beta(1 + responded, 1 + n_cells - responded)
+            spread_low, spread_high = spread.interval(level)
+            rows[group] = {
+                "target": target_labels[members[0]],
+                "n_cells": n_cells,
+                "responder_fraction": spread.mean(),
+                "ci_low": min(low, spread_low),
+                "ci_high": max(high, spread_high),
+                "n_called": int((cell_probability > threshold).sum()),
             }
-        )[scored]
-        summary = obs.groupby("group", sort=True).agg(
-            target=("target", "first"),
-            n_cells=("p", "size"),
-            responded=("p", "sum"),
-            n_called=("p", lambda p: int((p > threshold).sum())),
-        )
-        posterior = stats.beta(
-            1 + summary["responded"], 1 + summary["n_cells"] - summary["responded"]
-        )
-        summary["responder_fraction"] = posterior.mean()
-        summary["ci_low"], summary["ci_high"] = posterior.interval(level)
-        summary.index.name = by
         columns = ["target", "n_cells", "responder_fraction", "ci_low", "ci_high", "n_called"]
-        return summary[columns]
+        summary = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
+        summary.index.name = by
+        return summary
 
 
 def response_latent(salient: np.ndarray, probability: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ import pertpy as pt
 from anndata import AnnData
 from scipy import stats
 
+from .._constants import DE_DELTA, DE_FDR_TARGET
 from .._model import ContrastiveVAE
 from .._responders import response_latent
 from ..pl._plots import finish_figure
@@ -187,7 +188,9 @@ def calibration_check(
     model.train(**{"enable_progress_bar": False, **(train_kwargs or {})})
 
     pseudo_labels = [PSEUDO_PREFIX + guide for guide in pseudo_guides]
-    probability = model.get_responder_probability()
+    # One decoding of the background serves the responder calls and both DE tests.
+    checked, cells = model._calibrated_background(None, "rna")
+    probability = model._responder_evidence(checked, cells).probability
     salient = model.get_latent_representation(kind="salient")
     data.obsm["X_salient"] = salient
     data.obsm["X_response"] = response_latent(salient, probability)
@@ -208,8 +211,12 @@ def calibration_check(
             n_perms=n_perms,
         ),
     }
-    every_cell = model.differential_expression(group1=pseudo_labels, responders_only=False)
-    responders_de = model.differential_expression(group1=pseudo_labels, probability=probability)
+    every_cell = model._differential_expression(
+        checked, cells, pseudo_labels, None, DE_DELTA, DE_FDR_TARGET
+    )
+    responders_de = model._differential_expression(
+        checked, cells, pseudo_labels, probability, DE_DELTA, DE_FDR_TARGET
+    )
 
     p_values = pd.concat(
         [
@@ -241,7 +248,7 @@ def calibration_check(
     called = pd.Series(pseudo_probability > 0.5).groupby(
         data.obs.loc[in_pseudo, perturbation_key].astype(str).to_numpy()
     )
-    flagged = responders_de.groupby("group1")["is_de_fdr_0.05"].any()
+    flagged = responders_de.groupby("group1")[f"is_de_fdr_{DE_FDR_TARGET}"].any()
     rows = []
     for test, table in p_values.groupby("test"):
         uniformity = stats.kstest(table["p_value"], "uniform").pvalue
