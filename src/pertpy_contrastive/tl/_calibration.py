@@ -18,6 +18,7 @@ from anndata import AnnData
 from scipy import stats
 
 from .._constants import DE_DELTA, DE_FDR_TARGET
+from .._expression import check_finite_latent
 from .._model import ContrastiveVAE
 from .._responders import response_latent
 from ..pl._plots import finish_figure
@@ -188,10 +189,13 @@ def calibration_check(
     model.train(**{"enable_progress_bar": False, **(train_kwargs or {})})
 
     pseudo_labels = [PSEUDO_PREFIX + guide for guide in pseudo_guides]
-    # One decoding of the background serves the responder calls and both DE tests.
-    checked, cells = model._calibrated_background(None, "rna")
+    # One encoding pass and one decoding of the background serve the salient latent, the
+    # responder calls and both DE tests (as in write_outputs).
+    posterior_means = model._posterior_means(data, None)
+    checked, cells = model._calibrated_background(data, "rna", posterior_means=posterior_means)
     probability = model._responder_evidence(checked, cells).probability
-    salient = model.get_latent_representation(kind="salient")
+    salient = posterior_means["s"].cpu().numpy()
+    check_finite_latent(salient)
     data.obsm["X_salient"] = salient
     data.obsm["X_response"] = response_latent(salient, probability)
     tested = data[data.obs[perturbation_key].isin([control, *pseudo_labels])].copy()
