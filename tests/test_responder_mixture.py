@@ -82,9 +82,8 @@ def test_weak_effects_do_not_inflate_the_responder_fraction():
 
 
 def test_fraction_interval_covers_the_true_fraction_when_evidence_is_weak():
-    """At a log fold change of 0.2, Storey's estimate alone fell short of the true 0.6 (0.37-0.58
-    over 8 seeds; the cells' own spread covered it once); the interval's ends err outward. With
-    a strong effect the interval stays narrow."""
+    """At a log fold change of 0.2, Storey's estimate alone falls short of the true 0.6; the
+    interval's ends err outward, so it covers. With a strong effect the interval stays narrow."""
     allowed = torch.ones(N_GENES, dtype=torch.bool)
     for effect_size, widest in ((0.2, 1.0), (0.8, 0.2)):
         for seed in range(3):
