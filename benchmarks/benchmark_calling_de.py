@@ -44,6 +44,7 @@ import scvi
 import torch
 from benchmark_core import (
     CONTROL,
+    add_vae_arguments,
     fit_contrastive_vae,
     fit_contrastive_vi,
     log_normalised,
@@ -179,10 +180,7 @@ def main():
     parser.add_argument("--null-targets", type=int, default=8)
     parser.add_argument("--effect-size", type=float, default=0.8)
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--n-salient", type=int, default=10)
-    parser.add_argument("--n-background", type=int, default=10)
-    parser.add_argument("--n-epochs-kl-warmup", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None, help="ContrastiveVAE's learning rate")
+    add_vae_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated screen")
     parser.add_argument("--model-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=Path("docs/benchmark_calling_de.md"))

@@ -127,13 +127,32 @@ def vae_kwargs(args) -> tuple[dict, dict]:
     train_kwargs = {"n_epochs_kl_warmup": args.n_epochs_kl_warmup}
     if args.lr is not None:
         train_kwargs["lr"] = args.lr
+    if args.responder_refinement:
+        train_kwargs["n_epochs_responder_refinement"] = args.responder_refinement
     return model_kwargs, train_kwargs
+
+
+def add_vae_arguments(parser) -> None:
+    """The ContrastiveVAE options every benchmark takes."""
+    parser.add_argument("--n-salient", type=int, default=10)
+    parser.add_argument("--n-background", type=int, default=10)
+    parser.add_argument("--n-epochs-kl-warmup", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="ContrastiveVAE's learning rate")
+    parser.add_argument(
+        "--responder-refinement",
+        type=int,
+        default=0,
+        help="ContrastiveVAE.train's n_epochs_responder_refinement (after --epochs)",
+    )
 
 
 def vae_options(args) -> str:
     """The ContrastiveVAE options of ``args`` that differ from the defaults, as command text."""
     options = f" --n-epochs-kl-warmup {args.n_epochs_kl_warmup}" if args.n_epochs_kl_warmup else ""
-    return options + (f" --lr {args.lr}" if args.lr is not None else "")
+    options += f" --lr {args.lr}" if args.lr is not None else ""
+    if args.responder_refinement:
+        options += f" --responder-refinement {args.responder_refinement}"
+    return options
 
 
 def write_results(path, title, command, header, lines) -> None:
@@ -216,13 +235,8 @@ def main():
     parser.add_argument("--cells", type=int, default=10_000)
     parser.add_argument("--genes", type=int, default=2_000)
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--n-salient", type=int, default=10)
-    parser.add_argument("--n-background", type=int, default=10)
+    add_vae_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated screen")
-    parser.add_argument(
-        "--n-epochs-kl-warmup", type=int, default=None, help="ContrastiveVAE's KL warm-up"
-    )
-    parser.add_argument("--lr", type=float, default=None, help="ContrastiveVAE's learning rate")
     parser.add_argument("--model-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=Path("docs/benchmark_core.md"))
     args = parser.parse_args()

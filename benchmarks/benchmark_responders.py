@@ -39,6 +39,7 @@ import torch
 from benchmark_calling_de import calling_auroc, mean_sd
 from benchmark_core import (
     CONTROL,
+    add_vae_arguments,
     fit_contrastive_vae,
     fit_contrastive_vi,
     mixscape_signature,
@@ -134,10 +135,7 @@ def main():
     parser.add_argument("--cells", type=int, default=10_000)
     parser.add_argument("--genes", type=int, default=2_000)
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--n-salient", type=int, default=10)
-    parser.add_argument("--n-background", type=int, default=10)
-    parser.add_argument("--n-epochs-kl-warmup", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None, help="ContrastiveVAE's learning rate")
+    add_vae_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated screens")
     parser.add_argument("--model-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=Path("docs/benchmark_responders.md"))

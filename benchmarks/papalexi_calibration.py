@@ -18,6 +18,7 @@ Run by hand (about 10 minutes per check seed on 2 cores):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -47,6 +48,9 @@ def main():
         help="Held-out share is 1 - train size: the cells of the held-out distance test.",
     )
     parser.add_argument(
+        "--train", default="{}", help="JSON of further ContrastiveVAE.train arguments"
+    )
+    parser.add_argument(
         "--output", type=Path, default=Path("docs/benchmark_papalexi_calibration.md")
     )
     args = parser.parse_args()
@@ -65,7 +69,7 @@ def main():
             guide_key="guide",
             control=CONTROL,
             batch_key="replicate",
-            train_kwargs={"train_size": args.train_size},
+            train_kwargs={"train_size": args.train_size, **json.loads(args.train)},
             seed=seed,
         )
         print(check.summary.to_string(), flush=True)
@@ -126,12 +130,15 @@ def main():
     command = (
         "`.venv/bin/python benchmarks/papalexi_calibration.py --check-seeds "
         f"{' '.join(map(str, args.check_seeds))} --train-size {args.train_size} "
-        f"--output {args.output}`"
+        + (f"--train '{args.train}' " if json.loads(args.train) else "")
+        + f"--output {args.output}`"
     )
     header = (
         f"Bundled Papalexi 2021 THP-1 subset, {rna.n_obs} labelled cells × {rna.n_vars} genes; "
         f"pseudo-targets: {'; '.join(pseudo)}. Default ContrastiveVAE, early stopping, "
-        f"train_size={args.train_size}; "
+        f"train_size={args.train_size}"
+        + (f", further train arguments {args.train}" if json.loads(args.train) else "")
+        + "; "
         f"DistanceTest with 1,000 permutations. {torch.get_num_threads()} torch threads, CPU "
         f"only. Fraction of the {int(np.mean([len(c.responder_probability) for c in checks]))} "
         "pseudo-target cells per seed called KO is in the last row."

@@ -30,6 +30,7 @@ Run by hand (about 20-40 minutes on 2 cores):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 import warnings
@@ -75,7 +76,7 @@ def counts_only(rna) -> AnnData:
     return AnnData(X=rna.X[labelled].copy(), obs=obs, var=rna.var[[]].copy())
 
 
-def train_contrastive_vae(seed, epochs):
+def train_contrastive_vae(seed, epochs, train_kwargs):
     """Train ContrastiveVAE on a fresh copy of the data; return the RNA AnnData with outputs."""
     mdata = load_papalexi()
     pc.ContrastiveVAE.setup_anndata(
@@ -83,7 +84,7 @@ def train_contrastive_vae(seed, epochs):
     )
     model = pc.ContrastiveVAE(mdata, seed=seed)
     start = time.perf_counter()
-    model.train(max_epochs=epochs, seed=seed, enable_progress_bar=False)
+    model.train(max_epochs=epochs, seed=seed, enable_progress_bar=False, **train_kwargs)
     seconds = time.perf_counter() - start
     rna = model.write_outputs(mdata)
     return rna, len(model.history["loss_train"]), seconds
@@ -172,6 +173,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=200, help="maximum epochs of both VAEs")
     parser.add_argument("--model-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--train", default="{}", help="JSON of ContrastiveVAE.train arguments")
     parser.add_argument(
         "--output", type=Path, default=Path("docs/benchmark_papalexi_responders.md")
     )
@@ -210,7 +212,9 @@ def main():
     leakage[OURS], leakage[OURS_RESPONSE], leakage[CONTRASTIVE_VI] = [], [], []
     ko_calls, fractions, epochs_trained, seconds = [], [], [], []
     for seed in args.model_seeds:
-        rna, n_epochs, train_seconds = train_contrastive_vae(seed, args.epochs)
+        rna, n_epochs, train_seconds = train_contrastive_vae(
+            seed, args.epochs, json.loads(args.train)
+        )
         epochs_trained.append(n_epochs)
         seconds.append(train_seconds)
         rna = rna[data.obs_names]  # labelled cells, in the order of ``data``
@@ -382,7 +386,9 @@ def main():
     seeds = " ".join(map(str, args.model_seeds))
     command = (
         f"`.venv/bin/python benchmarks/papalexi_responders.py --epochs {args.epochs} "
-        f"--model-seeds {seeds} --output {args.output}`"
+        f"--model-seeds {seeds}"
+        + (f" --train '{args.train}'" if json.loads(args.train) else "")
+        + f" --output {args.output}`"
     )
     rna_all = load_papalexi()["rna"]
     header = (

@@ -4,10 +4,13 @@ On the calling benchmark's screen (24 targets, 8 null, program log fold change 0
 ContrastiveVAE with its defaults (60 epochs) and prints the mean norm of the salient posterior
 mean for each kind of cell, split into training and validation cells. Escapers express like
 controls, so in a calibrated model the two have the same norm. Also prints the calling AUROC of
-``benchmark_calling_de.py`` (effect against null targets, by E-distance to the controls). One
-torch thread, so that two settings can run side by side. Run by hand (about 4 minutes alone):
+``benchmark_calling_de.py`` (effect against null targets, by E-distance to the controls) on the
+salient and the response latent, the responder AUROC of ``benchmark_responders.py``, and
+``benchmark_core.py``'s program separation and background leakage of both latents. One
+torch thread, so that two settings can run side by side. Run by hand (about 5 minutes alone):
 
     .venv/bin/python benchmarks/salient_calibration.py
+    .venv/bin/python benchmarks/salient_calibration.py --train '{"n_epochs_responder_refinement": 20}'
 """
 
 from __future__ import annotations
@@ -20,24 +23,30 @@ import warnings
 import numpy as np
 import torch
 from benchmark_calling_de import calling_auroc
-from benchmark_core import CONTROL, fit_contrastive_vae
+from benchmark_core import CONTROL, fit_contrastive_vae, leakage, program_separation
+from benchmark_responders import SCREENS, responder_aurocs
 
 import pertpy_contrastive as pc
+from pertpy_contrastive._responders import response_latent
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="{}", help="JSON of ContrastiveVAE arguments")
     parser.add_argument("--train", default="{}", help="JSON of ContrastiveVAE.train arguments")
+    parser.add_argument("--screen", default="calling", choices=list(SCREENS))
+    parser.add_argument("--seed", type=int, default=0, help="model seed")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(1)
 
     adata = pc.datasets.simulate_screen(
-        n_cells=10_000, n_genes=2_000, n_targets=24, n_null_targets=8, effect_size=0.4, seed=0
+        n_cells=10_000, n_genes=2_000, seed=0, **SCREENS[args.screen]
     )
-    model, _ = fit_contrastive_vae(adata, 0, 60, json.loads(args.model), json.loads(args.train))
+    model, _ = fit_contrastive_vae(
+        adata, args.seed, 60, json.loads(args.model), json.loads(args.train)
+    )
     salient = model.get_latent_representation(kind="salient")
     norm = np.linalg.norm(salient, axis=1)
     in_training = np.zeros(adata.n_obs, dtype=bool)
@@ -48,7 +57,10 @@ def main():
         "escapers": obs["escaped"].to_numpy(),
         "responders": obs["responder"].to_numpy(),
     }
-    print(f"model {args.model}, train {args.train}: mean norm of the salient latent")
+    print(
+        f"{args.screen} screen, seed {args.seed}, model {args.model}, train {args.train}: "
+        "mean norm of the salient latent"
+    )
     for kind, cells in kinds.items():
         print(
             f"  {kind}: training cells {norm[cells & in_training].mean():.2f}, "
@@ -56,7 +68,20 @@ def main():
         )
     programs = adata.uns["simulation"]["target_program"]
     effect_targets = {t for t, p in programs.items() if p != "none"}
-    print(f"  calling AUROC: {calling_auroc(adata, salient, effect_targets):.3f}")
+    probability = model.get_responder_probability()
+    response = response_latent(salient, probability)
+    print(
+        f"  calling AUROC: salient {calling_auroc(adata, salient, effect_targets):.3f}, "
+        f"response {calling_auroc(adata, response, effect_targets):.3f}"
+    )
+    aurocs = responder_aurocs(adata.obs, probability)
+    print("  responder AUROC: " + ", ".join(f"{k} {v:.3f}" for k, v in aurocs.items()))
+    for name, latent in (("salient", salient), ("response", response)):
+        background = {k: round(v, 3) for k, v in leakage(latent, obs).items()}
+        print(
+            f"  {name} latent: program separation {program_separation(latent, obs):.3f}, "
+            f"background leakage {background}"
+        )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,17 @@ def test_console_script_is_installed_and_help_is_readable():
 
 def test_run_writes_every_output_the_model_and_the_run_record(screen_file, tmp_path):
     output = tmp_path / "out" / "screen_contrastive.h5ad"
-    code = _run(screen_file, "-o", output, "--batch-key", "batch", "--epochs", 3)
+    code = _run(
+        screen_file,
+        "-o",
+        output,
+        "--batch-key",
+        "batch",
+        "--epochs",
+        3,
+        "--responder-refinement",
+        2,
+    )
     assert code == 0
     written = anndata.read_h5ad(output)
     original = anndata.read_h5ad(screen_file)
@@ -64,6 +74,7 @@ def test_run_writes_every_output_the_model_and_the_run_record(screen_file, tmp_p
     assert "pvalue" in written.uns["contrastive_distance_test"].columns
     model = pc.ContrastiveVAE.load(str(tmp_path / "out" / "screen_contrastive_model"), written)
     assert model.is_trained
+    assert parameters["responder_refinement"] == 2 and model.epochs_trained == 3 + 2
 
 
 def test_run_keeps_a_mudata_a_mudata(screen, tmp_path):

@@ -195,3 +195,101 @@ def test_posterior_fraction_matches_the_true_responder_fraction(trained):
     probability = obs["contrastive_p_perturbed"].to_numpy()[targeting]
     truth = obs["responder"].to_numpy()[targeting]
     assert abs(probability.mean() - truth.mean()) < 0.05
+
+
+def test_refinement_loss_weights_the_two_reconstructions_by_the_fixed_responder_probability(
+    screen,
+):
+    """The plain model with fixed q(y = 1) = w, against the ELBO written out, on a tiny model."""
+    screen = screen[:, :6].copy()
+    screen = screen[np.asarray(screen.X.sum(1)).ravel() > 0].copy()
+    setup(screen)
+    model = pc.ContrastiveVAE(
+        screen, n_hidden=8, n_salient=2, n_background=2, likelihood="nb", background_mmd_weight=0
+    )
+    module = model.module.double().eval()
+    tensors = next(iter(model._make_data_loader(adata=screen, batch_size=64)))
+    tensors = {key: value.double() for key, value in tensors.items()}
+    args, kwargs = module._get_fn_args_from_batch(tensors)
+    x, group, batch_index, cont_covs = args.x, args.group, args.batch_index, args.cont_covs
+    weight = torch.linspace(0.0, 1.0, len(x), dtype=torch.float64)
+
+    def elbo_and_trace(responder_weight):
+        pyro.set_rng_seed(0)
+        weights = {**kwargs, "responder_weight": responder_weight}
+        guide_trace = poutine.trace(module.guide).get_trace(*args, **weights)
+        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(
+            *args, **weights
+        )
+        return model_trace.log_prob_sum() - guide_trace.log_prob_sum(), guide_trace
+
+    elbo, guide_trace = elbo_and_trace(weight)
+    z = guide_trace.nodes["background"]["value"]
+    s = guide_trace.nodes["salient"]["value"]
+    theta = module.log_inverse_dispersion.exp()
+
+    def log_likelihood(salient):
+        rate, _ = module._decode(
+            z, salient, cont_covs, x.sum(-1, keepdim=True).log(), (batch_index,)
+        )
+        return pc._likelihoods.NegativeBinomial(rate, theta).log_prob(x).sum(-1)
+
+    is_target = group == CellGroup.TARGET
+    unperturbed = log_likelihood(torch.zeros_like(s))
+    reconstruction = torch.where(
+        is_target, weight * log_likelihood(s) + (1 - weight) * unperturbed, unperturbed
+    )
+    standard = torch.distributions.Normal(0.0, 1.0)
+    expected = (
+        reconstruction.sum()
+        + standard.log_prob(z).sum()
+        + standard.log_prob(s).sum()
+        - guide_trace.log_prob_sum()
+    )
+    assert is_target.any() and (~is_target).any()
+    torch.testing.assert_close(elbo, expected, rtol=1e-9, atol=1e-6)
+    # Every cell a responder is the plain contrastive VAE.
+    plain, _ = elbo_and_trace(None)
+    torch.testing.assert_close(elbo_and_trace(torch.ones_like(weight))[0], plain)
+
+
+def test_responder_refinement_stops_the_salient_latent_fitting_escapers_noise():
+    """Training escapers' salient latent moves to the training controls'; the stage is logged."""
+    adata = pc.datasets.simulate_screen(
+        n_cells=1500,
+        n_genes=200,
+        n_targets=6,
+        n_programs=2,
+        n_null_targets=2,
+        program_size=25,
+        effect_size=1.2,
+        seed=3,
+    )
+    setup(adata, batch_key="batch")
+    gaps = {}
+    for refinement in (0, 20):
+        model = pc.ContrastiveVAE(adata, seed=0)
+        model.train(
+            max_epochs=40,
+            batch_size=64,
+            early_stopping=False,
+            enable_progress_bar=False,
+            n_epochs_responder_refinement=refinement,
+        )
+        norm = np.linalg.norm(model.get_latent_representation(kind="salient"), axis=1)
+        training = np.zeros(adata.n_obs, dtype=bool)
+        training[model.train_indices] = True
+        escapers = adata.obs["escaped"].to_numpy() & training
+        controls = (model.cell_groups == CellGroup.BACKGROUND) & training
+        gaps[refinement] = norm[escapers].mean() - norm[controls].mean()
+        assert model.epochs_trained == 40 + refinement
+    assert gaps[0] > 0.1, gaps
+    assert gaps[20] < 0.5 * gaps[0], gaps
+
+
+def test_responder_refinement_is_for_the_plain_model(screen):
+    setup(screen)
+    model = pc.ContrastiveVAE(screen, n_hidden=8, responder=True)
+    with pytest.raises(ValueError, match="refines the plain model"):
+        quick_train(model, n_epochs_responder_refinement=2)
+    assert not model.is_trained

@@ -108,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
         default=TRAINING_BATCH_SIZE,
         help=f"cells per group per step (default: {TRAINING_BATCH_SIZE})",
     )
+    run.add_argument(
+        "--responder-refinement",
+        type=int,
+        default=0,
+        metavar="N",
+        help=(
+            "experimental: after training, N more epochs in which cells called non-responders "
+            "are decoded like controls (ContrastiveVAE.train's n_epochs_responder_refinement; "
+            "default: 0, off)"
+        ),
+    )
     run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     run.add_argument("--prefix", default="contrastive", help="prefix of the keys written")
     run.add_argument(
@@ -131,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--epochs", type=int, default=200, help="maximum epochs (default: 200)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.set_defaults(responder_refinement=0)
     demo.add_argument("--overwrite", action="store_true", help="replace OUT")
     _common_options(demo)
     # Not options: the demo holds a quarter of the cells out for its calls, at the default batch.
@@ -234,6 +246,7 @@ def _train(args, data) -> ContrastiveVAE:
         train_size=args.train_size,
         batch_size=args.batch_size,
         early_stopping=held_out,
+        n_epochs_responder_refinement=args.responder_refinement,
         enable_progress_bar=not args.no_progress,
         seed=args.seed,
     )

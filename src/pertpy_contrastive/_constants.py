@@ -29,6 +29,9 @@ NO_TARGET = -1
 CELL_WEIGHT_KEY = "cell_weight"
 """Minibatch key of the per-cell ELBO weight added by the paired loader."""
 
+RESPONDER_WEIGHT_KEY = "responder_weight"
+"""Minibatch key of each cell's probability of having responded, during responder refinement."""
+
 LATENT_KINDS = ("salient", "background", "response")
 
 NORMALISED_LIBRARY_SIZE = 1e4

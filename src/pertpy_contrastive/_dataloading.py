@@ -22,7 +22,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, CellGroup
+from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, RESPONDER_WEIGHT_KEY, CellGroup
 
 logger = logging.getLogger(__name__)
 
@@ -165,10 +165,16 @@ class PairedBatchSampler(Sampler):
 
 
 class _StepDataset(Dataset):
-    """Reads one step's cells from scvi-tools' AnnTorchDataset and attaches their weights."""
+    """Reads one step's cells from scvi-tools' AnnTorchDataset and attaches their weights.
 
-    def __init__(self, dataset: Dataset):
+    ``responder_weights`` (one per cell of the AnnData, or ``None``) are attached too. They are
+    computed after a first training run, so they are not a registry field of the AnnData: the
+    user's AnnData would have to carry them.
+    """
+
+    def __init__(self, dataset: Dataset, responder_weights: np.ndarray | None = None):
         self.dataset = dataset
+        self.responder_weights = responder_weights
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -177,6 +183,8 @@ class _StepDataset(Dataset):
         cells, weights = step
         tensors = self.dataset[cells]
         tensors[CELL_WEIGHT_KEY] = weights[:, None]
+        if self.responder_weights is not None:
+            tensors[RESPONDER_WEIGHT_KEY] = self.responder_weights[cells, None]
         return tensors
 
 
@@ -195,6 +203,9 @@ class PairedDataSplitter(pl.LightningDataModule):
         Seed of the split and of the pairing.
     stratify_by_batch
         Pair cells within the registered batch only.
+    responder_weights
+        Each cell's probability of having responded (float32, one per cell of the AnnData),
+        passed to the model with every step; ``None`` during ordinary training.
     """
 
     def __init__(
@@ -204,8 +215,10 @@ class PairedDataSplitter(pl.LightningDataModule):
         batch_size: int = 128,
         seed: int = 0,
         stratify_by_batch: bool = True,
+        responder_weights: np.ndarray | None = None,
     ):
         super().__init__()
+        self.responder_weights = responder_weights
         if not 0 < train_size <= 1:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
         self.adata_manager = adata_manager
@@ -263,7 +276,7 @@ class PairedDataSplitter(pl.LightningDataModule):
             self.val_sampler = sampler if len(sampler) else None
 
     def _loader(self, sampler: PairedBatchSampler) -> DataLoader:
-        dataset = _StepDataset(self.adata_manager.create_torch_dataset())
+        dataset = _StepDataset(self.adata_manager.create_torch_dataset(), self.responder_weights)
         # batch_size=None: the sampler already yields whole steps, read with one call each.
         return DataLoader(dataset, sampler=sampler, batch_size=None)
 

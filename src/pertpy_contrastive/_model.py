@@ -311,6 +311,7 @@ class ContrastiveVAE(
         lr: float = LEARNING_RATE,
         n_epochs_kl_warmup: int | None = None,
         n_epochs_responder_warmup: int | None = None,
+        n_epochs_responder_refinement: int = 0,
         early_stopping: bool = True,
         early_stopping_patience: int = 20,
         stratify_by_batch: bool = True,
@@ -344,6 +345,14 @@ class ContrastiveVAE(
             Epochs during which every perturbed cell is trained as a responder, so that the
             decoder learns to use the salient latent before the responder variable is switched
             on. Default: ``n_epochs_kl_warmup``. Ignored with ``responder=False``.
+        n_epochs_responder_refinement
+            Experimental, plain model only: after training, compute each training cell's
+            responder probability with :meth:`get_responder_probability` (on the training cells
+            alone) and train this many more epochs with it as the fixed posterior of the
+            responder variable. A cell called a non-responder is then decoded without its
+            salient latent, like a control, so its salient latent no longer fits its noise. The
+            validation loss of these epochs is the ordinary one, and they do not stop early.
+            ``0`` (the default) skips the stage.
         early_stopping
             Stop when the validation ELBO has not improved for ``early_stopping_patience``
             epochs (counted after the warm-up).
@@ -360,13 +369,18 @@ class ContrastiveVAE(
         **trainer_kwargs
             Further arguments of :class:`~scvi.train.Trainer` (e.g. ``gradient_clip_val``).
         """
-        data_splitter = self._data_splitter_cls(
-            self.adata_manager,
-            train_size=train_size,
-            batch_size=batch_size,
-            seed=seed,
-            stratify_by_batch=stratify_by_batch,
-        )
+        if n_epochs_responder_refinement and self.module.responder:
+            raise ValueError(
+                "n_epochs_responder_refinement refines the plain model (responder=False); the "
+                "responder=True model sums over its own responder variable. Pass one or the other."
+            )
+        splitter_kwargs = {
+            "train_size": train_size,
+            "batch_size": batch_size,
+            "seed": seed,
+            "stratify_by_batch": stratify_by_batch,
+        }
+        data_splitter = self._data_splitter_cls(self.adata_manager, **splitter_kwargs)
         if max_epochs is None:
             max_epochs = get_max_epochs_heuristic(data_splitter.n_train)
         if n_epochs_kl_warmup is None:
@@ -378,26 +392,58 @@ class ContrastiveVAE(
             early_stopping = False
         if n_epochs_responder_warmup is None:
             n_epochs_responder_warmup = n_epochs_kl_warmup
-        plan_kwargs = {
-            "lr": lr,
-            "n_epochs_kl_warmup": n_epochs_kl_warmup,
-            "n_epochs_responder_warmup": n_epochs_responder_warmup,
-            **(plan_kwargs or {}),
+        plan_kwargs = {"lr": lr, **(plan_kwargs or {})}
+        trainer_kwargs = {
+            "accelerator": accelerator,
+            "devices": devices,
+            "early_stopping_monitor": "loss_validation",
+            "early_stopping_patience": early_stopping_patience,
+            **trainer_kwargs,
         }
-        self.module.train()  # a trained model is left in eval mode; training resumes from it
-        training_plan = self._training_plan_cls(self.module, **plan_kwargs)
-        trainer_kwargs.setdefault("early_stopping_monitor", "loss_validation")
-        trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
         trainer_kwargs.setdefault(
             "early_stopping_warmup_epochs", min(n_epochs_kl_warmup, max_epochs)
         )
+        warmups = {
+            "n_epochs_kl_warmup": n_epochs_kl_warmup,
+            "n_epochs_responder_warmup": n_epochs_responder_warmup,
+        }
+        completed = self._run_training(
+            data_splitter,
+            {**warmups, **plan_kwargs},
+            max_epochs,
+            early_stopping,
+            seed,
+            trainer_kwargs,
+        )
+        if not (completed and n_epochs_responder_refinement):
+            return
+        responder_weights = self._training_responder_weights(data_splitter.train_idx)
+        data_splitter = self._data_splitter_cls(
+            self.adata_manager, responder_weights=responder_weights, **splitter_kwargs
+        )
+        # The refinement continues a trained model: the KL terms keep their full weight.
+        refinement_plan = {"n_epochs_kl_warmup": None, "n_steps_kl_warmup": None, **plan_kwargs}
+        trainer_kwargs["early_stopping_warmup_epochs"] = 0
+        self._run_training(
+            data_splitter,
+            refinement_plan,
+            n_epochs_responder_refinement,
+            False,
+            seed + 1,
+            trainer_kwargs,
+        )
+
+    def _run_training(
+        self, data_splitter, plan_kwargs, max_epochs, early_stopping, seed, trainer_kwargs
+    ) -> bool:
+        """One Lightning run through scvi-tools' runner; ``False`` if Ctrl-C interrupted it."""
+        self.module.train()  # a trained model is left in eval mode; training resumes from it
+        training_plan = self._training_plan_cls(self.module, **plan_kwargs)
         runner = self._train_runner_cls(
             self,
             training_plan=training_plan,
             data_splitter=data_splitter,
             max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
             early_stopping=early_stopping,
             **trainer_kwargs,
         )
@@ -412,8 +458,24 @@ class ContrastiveVAE(
                 raise
             signal.signal(signal.SIGINT, interrupt_handler)
             self._keep_interrupted_training(data_splitter)
+            return False
         finally:
             self.module.eval()  # also after a diverged run, so latents stay deterministic
+        return True
+
+    def _training_responder_weights(self, train_indices: np.ndarray) -> np.ndarray:
+        """Responder probabilities of the training cells, from a mixture fitted on them alone.
+
+        Held-out cells stay out of the fit, so that the encoder the refinement trains is still
+        a function of the training cells only, and the held-out distance test stays exact.
+        Controls get 0 and are decoded without s anyway; cells without a trained target are not
+        in the training set.
+        """
+        training_cells = self.adata[train_indices].copy()
+        probability = self.get_responder_probability(training_cells)
+        weights = np.zeros(self.adata.n_obs, dtype=np.float32)
+        weights[train_indices] = np.nan_to_num(probability, nan=0.0)
+        return weights
 
     @property
     def epochs_trained(self) -> int:

@@ -18,7 +18,9 @@ centre and cannot fit the cell's noise (the training plan anneals it from 1). y_
 is summed out exactly, a log-sum-exp over the two branches, never sampled (Pyro's
 TraceEnum_ELBO would do the sum, but it accepts only scalar poutine.scale, and every cell here
 carries its own minibatch weight). With ``responder=False`` every target cell is a responder
-(y_n = 1, prior N(0, I)): the plain contrastive VAE. With ``salient_effect="additive"`` the
+(y_n = 1, prior N(0, I)): the plain contrastive VAE, unless a fixed q(y_n = 1) is passed as
+``responder_weight`` (responder refinement: the responder mixture's posterior after a first
+training run), which weighs the two reconstructions. With ``salient_effect="additive"`` the
 decoder reads z only, and s shifts the log proportions linearly: rho = softmax(f(z, c) + W s'),
 with unit-norm rows of W.
 
@@ -54,6 +56,7 @@ from ._constants import (
     CELL_WEIGHT_KEY,
     GROUP_KEY,
     NORMALISED_LIBRARY_SIZE,
+    RESPONDER_WEIGHT_KEY,
     TARGET_KEY,
     CellGroup,
 )
@@ -247,8 +250,14 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             cont_covs=tensors.get(REGISTRY_KEYS.CONT_COVS_KEY, no_covariates).float(),
             target=tensors[TARGET_KEY].reshape(-1).long(),
         )
-        cell_weight = tensors.get(CELL_WEIGHT_KEY)
-        return args, {"cell_weight": None if cell_weight is None else cell_weight.reshape(-1)}
+        kwargs = {}
+        for name, key in (
+            ("cell_weight", CELL_WEIGHT_KEY),
+            ("responder_weight", RESPONDER_WEIGHT_KEY),
+        ):
+            values = tensors.get(key)
+            kwargs[name] = None if values is None else values.reshape(-1)
+        return args, kwargs
 
     # -- generative model ---------------------------------------------------------------------
 
@@ -266,6 +275,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         n_obs=None,
         all_respond=False,
         salient_scale=None,
+        responder_weight=None,
     ):
         """Sample the generative model p(x, z, s, l | covariates), with y summed out.
 
@@ -273,6 +283,11 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         training plan uses it for the first epochs: until the decoder has learnt to use s, the
         responder branch explains no cell better than the escaper branch, and a model that
         starts with the mixture collapses to "nobody responded".
+
+        ``responder_weight`` (plain model only) is a fixed q(y = 1) per cell, the responder
+        mixture's posterior during responder refinement: a target cell's reconstruction is then
+        ``w log p(x | z, s) + (1 - w) log p(x | z, 0)``, so a non-responder is decoded like a
+        control and its s cannot fit its noise.
         """
         # Parameters are this nn.Module's own, optimised by torch on the differentiable ELBO; no
         # pyro.module call, so the global param store holds nothing and models do not collide.
@@ -300,7 +315,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 log_library = pyro.sample(
                     "log_library", dist.Normal(prior_loc, prior_scale).to_event(1)
                 )
-            if not self.responder:
+            if not self.responder and responder_weight is None:
                 # Every target cell responds; controls carry no perturbation (s' = 0).
                 used_salient = s * is_target.unsqueeze(-1)
                 rate, gate_logits = self._decode(
@@ -310,6 +325,19 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                     self.likelihood, rate, self.log_inverse_dispersion.exp(), gate_logits
                 )
                 pyro.sample("counts", counts.to_event(1), obs=x)
+                return
+            unperturbed, perturbed = self._log_likelihoods_without_and_with_salient(
+                x, z, s, log_library, covariates, cont_covs, is_target
+            )
+            if not self.responder:
+                # The expectation over y ~ Bernoulli(w) of log p(x | z, y s). s keeps its full KL
+                # term in both branches, as a control's does: a non-responder is treated exactly
+                # like a control, so the ELBO pulls its q(s | x) to the prior. (Summing over y
+                # would let q(y) reward a loose escaper branch; here q(y) is fixed.)
+                weight = responder_weight[is_target]
+                refined = weight * perturbed + (1.0 - weight) * unperturbed[is_target]
+                marginal = unperturbed.index_put((is_target.nonzero(as_tuple=True)[0],), refined)
+                pyro.factor("counts", marginal)
                 return
             unperturbed, escaped, responded = self._branch_log_likelihoods(
                 x,
@@ -381,22 +409,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         ratio N(s; mu_t, I) / N(s; 0, I) = exp(s . mu_t - |mu_t|^2 / 2) would reward s and mu_t
         for growing together while the warm-up weight is small.
         """
-        n_cells = x.shape[0]
-        # One decoder pass over every cell at s = 0 and the selected cells at their own s, so
-        # that batch normalisation sees both.
-        stacked = [
-            torch.cat([values, values[cells]])
-            for values in (x, z, log_library, cont_covs, *covariates)
-        ]
-        x_both, z_both, library_both, cont_both, *covariates_both = stacked
-        s_both = torch.cat([torch.zeros_like(s), s[cells]])
-        rate, gate_logits = self._decode(z_both, s_both, cont_both, library_both, covariates_both)
-        counts = count_distribution(
-            self.likelihood, rate, self.log_inverse_dispersion.exp(), gate_logits
+        unperturbed, perturbed = self._log_likelihoods_without_and_with_salient(
+            x, z, s, log_library, covariates, cont_covs, cells
         )
-        log_likelihood = counts.log_prob(x_both).sum(-1)
-        unperturbed, perturbed = log_likelihood[:n_cells], log_likelihood[n_cells:]
-
         logit = self.responder_logits[target[cells]]
         loc = self.target_salient_loc[target[cells]]
         if self.responder_salient_scale is None:
@@ -411,6 +426,26 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         escaped = F.logsigmoid(-logit) + kl_weight * unused_salient + unperturbed[cells]
         responded = F.logsigmoid(logit) + kl_weight * log_prior_ratio + perturbed
         return unperturbed, escaped, responded
+
+    def _log_likelihoods_without_and_with_salient(
+        self, x, z, s, log_library, covariates, cont_covs, cells
+    ):
+        """``log p(x | z, s' = 0)`` of every cell, and ``log p(x | z, s)`` of the selected ``cells``."""
+        n_cells = x.shape[0]
+        # One decoder pass over every cell at s = 0 and the selected cells at their own s, so
+        # that batch normalisation sees both.
+        stacked = [
+            torch.cat([values, values[cells]])
+            for values in (x, z, log_library, cont_covs, *covariates)
+        ]
+        x_both, z_both, library_both, cont_both, *covariates_both = stacked
+        s_both = torch.cat([torch.zeros_like(s), s[cells]])
+        rate, gate_logits = self._decode(z_both, s_both, cont_both, library_both, covariates_both)
+        counts = count_distribution(
+            self.likelihood, rate, self.log_inverse_dispersion.exp(), gate_logits
+        )
+        log_likelihood = counts.log_prob(x_both).sum(-1)
+        return log_likelihood[:n_cells], log_likelihood[n_cells:]
 
     def expression_proportions(self, z, s, batch_index, cat_covs, cont_covs) -> torch.Tensor:
         """Decode per-gene proportions rho = softmax(f(z, s, c)), free of library size."""
@@ -450,6 +485,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         n_obs=None,
         all_respond=False,
         salient_scale=None,
+        responder_weight=None,
     ):
         """Sample the amortised mean-field guide q(z | x) q(s | x) [q(l | x)]."""
         n_cells = x.shape[0]
