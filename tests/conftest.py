@@ -3,7 +3,7 @@ import warnings
 
 import numpy as np
 import pytest
-from _helpers import setup
+from _helpers import setup, strong_program_screen
 
 import pertpy_contrastive as pc
 
@@ -37,16 +37,7 @@ def _trained_screen(**model_kwargs):
     Each cell also has one of two guides: ``<target>_g1`` for 80% of its target's responders
     and 20% of its escapers, ``<target>_g2`` for the others, so that g1 is the efficient guide.
     """
-    adata = pc.datasets.simulate_screen(
-        n_cells=1500,
-        n_genes=200,
-        n_targets=6,
-        n_programs=2,
-        n_null_targets=2,
-        program_size=25,
-        effect_size=1.2,
-        seed=3,
-    )
+    adata = strong_program_screen()
     rng = np.random.default_rng(0)
     labels = adata.obs["perturbation"].astype(str)
     is_escaper = adata.obs["escaped"].to_numpy()

@@ -4,7 +4,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from _helpers import CONTROL, quick_train, setup
+from _helpers import CONTROL, quick_train, setup, strong_program_screen
 from pyro import poutine
 from sklearn.metrics import roc_auc_score
 
@@ -255,16 +255,7 @@ def test_refinement_loss_weights_the_two_reconstructions_by_the_fixed_responder_
 
 def test_responder_refinement_stops_the_salient_latent_fitting_escapers_noise():
     """Training escapers' salient latent moves to the training controls'; the stage is logged."""
-    adata = pc.datasets.simulate_screen(
-        n_cells=1500,
-        n_genes=200,
-        n_targets=6,
-        n_programs=2,
-        n_null_targets=2,
-        program_size=25,
-        effect_size=1.2,
-        seed=3,
-    )
+    adata = strong_program_screen()
     setup(adata, batch_key="batch")
     gaps = {}
     for refinement in (0, 20):
