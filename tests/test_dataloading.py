@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+from _helpers import setup
 
-from pertpy_contrastive._constants import CellGroup
-from pertpy_contrastive._dataloading import PairedBatchSampler
+import pertpy_contrastive as pc
+from pertpy_contrastive._constants import RESPONDER_WEIGHT_KEY, CellGroup
+from pertpy_contrastive._dataloading import PairedBatchSampler, PairedDataSplitter
 
 BACKGROUND, TARGET, EXCLUDED = CellGroup.BACKGROUND, CellGroup.TARGET, CellGroup.EXCLUDED
 
@@ -106,3 +108,18 @@ def test_stratum_without_controls_is_an_error_only_for_training():
         groups, strata, np.arange(40), batch_size=4, shuffle=False, seed=0, strict=False
     )
     assert all(strata[cells[0]] == 1 for cells, _ in lenient)
+
+
+def test_responder_weights_reach_training_steps_only(screen):
+    setup(screen)
+    model = pc.ContrastiveVAE(screen, n_hidden=8)
+    weights = np.linspace(0, 1, screen.n_obs, dtype=np.float32)
+    splitter = PairedDataSplitter(
+        model.adata_manager, train_size=0.8, batch_size=32, responder_weights=weights
+    )
+    step = next(iter(splitter.train_dataloader()))
+    # Every cell has its own weight, so the step's weights name its cells: training cells.
+    step_weights = step[RESPONDER_WEIGHT_KEY].ravel().numpy()
+    assert len(np.unique(step_weights)) == len(step_weights) == 64
+    assert np.isin(step_weights, weights[splitter.train_idx]).all()
+    assert RESPONDER_WEIGHT_KEY not in next(iter(splitter.val_dataloader()))

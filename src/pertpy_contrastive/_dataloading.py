@@ -205,7 +205,7 @@ class PairedDataSplitter(pl.LightningDataModule):
         Pair cells within the registered batch only.
     responder_weights
         Each cell's probability of having responded (float32, one per cell of the AnnData),
-        passed to the model with every step; ``None`` during ordinary training.
+        passed to the model with every training step; ``None`` during ordinary training.
     """
 
     def __init__(
@@ -275,13 +275,16 @@ class PairedDataSplitter(pl.LightningDataModule):
             )
             self.val_sampler = sampler if len(sampler) else None
 
-    def _loader(self, sampler: PairedBatchSampler) -> DataLoader:
-        dataset = _StepDataset(self.adata_manager.create_torch_dataset(), self.responder_weights)
+    def _loader(
+        self, sampler: PairedBatchSampler, responder_weights: np.ndarray | None = None
+    ) -> DataLoader:
+        dataset = _StepDataset(self.adata_manager.create_torch_dataset(), responder_weights)
         # batch_size=None: the sampler already yields whole steps, read with one call each.
         return DataLoader(dataset, sampler=sampler, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_sampler)
+        # Validation keeps the ordinary ELBO: the weights are fitted on training cells only.
+        return self._loader(self.train_sampler, self.responder_weights)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_sampler) if self.val_sampler is not None else []
