@@ -326,10 +326,10 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 )
                 pyro.sample("counts", counts.to_event(1), obs=x)
                 return
-            unperturbed, perturbed = self._log_likelihoods_without_and_with_salient(
-                x, z, s, log_library, covariates, cont_covs, is_target
-            )
             if not self.responder:
+                unperturbed, perturbed = self._log_likelihoods_without_and_with_salient(
+                    x, z, s, log_library, covariates, cont_covs, is_target
+                )
                 # The expectation over y ~ Bernoulli(w) of log p(x | z, y s). s keeps its full KL
                 # term in both branches, as a control's does: a non-responder is treated exactly
                 # like a control, so the ELBO pulls its q(s | x) to the prior. (Summing over y
