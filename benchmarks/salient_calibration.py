@@ -20,11 +20,10 @@ import json
 import logging
 import warnings
 
-import numpy as np
 import torch
 from benchmark_calling_de import calling_auroc
-from benchmark_core import CONTROL, fit_contrastive_vae, leakage, program_separation
-from benchmark_responders import SCREENS, responder_aurocs
+from benchmark_core import fit_contrastive_vae, leakage, program_separation
+from benchmark_responders import SCREENS, latent_norms, responder_aurocs
 
 import pertpy_contrastive as pc
 from pertpy_contrastive._responders import response_latent
@@ -48,24 +47,13 @@ def main():
         adata, args.seed, 60, json.loads(args.model), json.loads(args.train)
     )
     salient = model.get_latent_representation(kind="salient")
-    norm = np.linalg.norm(salient, axis=1)
-    in_training = np.zeros(adata.n_obs, dtype=bool)
-    in_training[model.train_indices] = True
     obs = adata.obs
-    kinds = {
-        "controls": (obs["perturbation"] == CONTROL).to_numpy(),
-        "escapers": obs["escaped"].to_numpy(),
-        "responders": obs["responder"].to_numpy(),
-    }
     print(
         f"{args.screen} screen, seed {args.seed}, model {args.model}, train {args.train}: "
         "mean norm of the salient latent"
     )
-    for kind, cells in kinds.items():
-        print(
-            f"  {kind}: training cells {norm[cells & in_training].mean():.2f}, "
-            f"validation cells {norm[cells & ~in_training].mean():.2f}"
-        )
+    for kind, (training, held_out) in latent_norms(model, obs, salient).items():
+        print(f"  {kind}: training cells {training:.2f}, validation cells {held_out:.2f}")
     programs = adata.uns["simulation"]["target_program"]
     effect_targets = {t for t, p in programs.items() if p != "none"}
     probability = model.get_responder_probability()
