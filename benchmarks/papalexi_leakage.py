@@ -11,8 +11,8 @@ as in ``papalexi_responders.py``. Three readings of the library size:
   residual removes that;
 - **NP cells only**: the raw log total count, over the cells the default model calls NP.
 
-Rows: ContrastiveVAE with its defaults and with one change each (responder refinement of 30
-epochs; no background MMD; the centred log library size as a continuous covariate; the negative
+Rows: ContrastiveVAE with its defaults and with one change each (the encoders' input normalised
+to 1e4 counts per cell, the earlier default; responder refinement of 30 epochs; no background MMD; the centred log library size as a continuous covariate; the negative
 binomial likelihood), and scvi-tools' ContrastiveVI (200 epochs), all with model seed 0. Run by
 hand, alone (about 15 minutes on 2 cores):
 
@@ -41,6 +41,11 @@ import pertpy_contrastive as pc
 
 VARIANTS = {
     "defaults": ({}, {}, {}),
+    "encoders' input normalised to 1e4 counts (the default before 2026-12-02)": (
+        {"encoder_library_size": 1e4},
+        {},
+        {},
+    ),
     "responder refinement, 30 epochs": ({}, {}, {"n_epochs_responder_refinement": 30}),
     "no background MMD (background_mmd_weight=0)": ({"background_mmd_weight": 0}, {}, {}),
     "log library size as a continuous covariate": (

@@ -45,6 +45,28 @@ def test_simulated_knockdown_lowers_the_target_gene(simulated):
     assert column[responders.to_numpy()].mean() < 0.5 * column[controls.to_numpy()].mean()
 
 
+def test_true_background_leaves_the_screen_unchanged_and_lacks_the_perturbation(simulated):
+    with_background = pc.datasets.simulate_screen(
+        n_cells=3000, n_genes=600, seed=2, true_background=True
+    )
+    assert (with_background.X != simulated.X).nnz == 0
+    assert "true_background" not in simulated.layers
+    background = with_background.layers["true_background"]
+    np.testing.assert_allclose(background.sum(1), 1.0, rtol=1e-5)
+    # Controls' counts are their background plus noise; a responder's knocked-down gene is
+    # not in its background.
+    controls = (simulated.obs["perturbation"] == CONTROL).to_numpy()
+    depth = np.asarray(simulated.X.sum(1))
+    observed = simulated.X[controls].toarray().mean(0)
+    expected = (background[controls] * depth[controls]).mean(0)
+    assert np.corrcoef(np.log1p(observed), np.log1p(expected))[0, 1] > 0.99
+    target = "T05"
+    responders = ((simulated.obs["perturbation"] == target) & simulated.obs["responder"]).to_numpy()
+    gene = simulated.var_names.get_loc(target)
+    counts = simulated.X[responders][:, gene].toarray().ravel()
+    assert counts.sum() < 0.5 * (background[responders, gene] * depth[responders, 0]).sum()
+
+
 def _r2(features, design):
     design = np.column_stack([np.ones(len(design)), design])
     fitted = design @ np.linalg.lstsq(design, features, rcond=None)[0]

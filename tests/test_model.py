@@ -115,18 +115,35 @@ def test_model_saved_before_the_responder_model_is_refused_clearly(screen, tmp_p
         pc.ContrastiveVAE.load(tmp_path / "model", adata=screen)
 
 
-def test_model_saved_with_the_old_dispersion_name_loads(screen, tmp_path):
+def test_model_saved_by_an_earlier_version_loads_with_its_encoder_input(screen, tmp_path):
+    # Earlier versions named the dispersion log_dispersion, and their encoders scaled every cell
+    # to 1e4 counts without storing that value.
     setup(screen)
-    model = quick_train(pc.ContrastiveVAE(screen), max_epochs=1)
+    model = quick_train(pc.ContrastiveVAE(screen, encoder_library_size=1e4), max_epochs=1)
     model.save(tmp_path / "model")
     saved = torch.load(tmp_path / "model" / "model.pt", weights_only=False)
     state = saved["model_state_dict"]
     state["log_dispersion"] = state.pop("log_inverse_dispersion")
+    del state["encoder_library_size"]
     torch.save(saved, tmp_path / "model" / "model.pt")
     loaded = pc.ContrastiveVAE.load(tmp_path / "model", adata=screen)
     torch.testing.assert_close(
         loaded.module.log_inverse_dispersion, model.module.log_inverse_dispersion
     )
+    assert float(loaded.module.encoder_library_size) == 1e4
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(kind="salient"),
+        model.get_latent_representation(kind="salient"),
+    )
+
+
+def test_encoders_scale_cells_to_the_median_depth_of_the_data(screen):
+    setup(screen)
+    model = pc.ContrastiveVAE(screen)
+    median = np.median(np.asarray(screen.X.sum(1)).ravel())
+    assert float(model.module.encoder_library_size) == pytest.approx(median)
+    fixed = pc.ContrastiveVAE(screen, encoder_library_size=1e4)
+    assert float(fixed.module.encoder_library_size) == 1e4
 
 
 def test_damaged_or_foreign_model_directories_are_refused_clearly(screen, tmp_path):

@@ -35,7 +35,10 @@ RESPONDER_WEIGHT_KEY = "responder_weight"
 LATENT_KINDS = ("salient", "background", "response")
 
 NORMALISED_LIBRARY_SIZE = 1e4
-"""Counts per cell of normalised expression: the encoders' input and the denoised layer."""
+"""Counts per cell of the normalised expression that the outputs hand out (the denoised layer)."""
+
+LEGACY_ENCODER_LIBRARY_SIZE = 1e4
+"""What the encoders normalised each cell's counts to in models saved without that value."""
 
 INFERENCE_BATCH_SIZE = 1024
 """Cells per minibatch when encoding or decoding without gradients."""

@@ -66,6 +66,15 @@ def get_count_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
+def median_library_size(matrix) -> float:
+    """Median total count per cell, read in row chunks (sparse and backed matrices stay so)."""
+    totals = [
+        np.asarray(matrix[start : start + _VALIDATION_CHUNK_ROWS].sum(axis=1)).ravel()
+        for start in range(0, matrix.shape[0], _VALIDATION_CHUNK_ROWS)
+    ]
+    return float(np.median(np.concatenate(totals)))
+
+
 def validate_counts(matrix, source: str, obs_names: Sequence[str]) -> None:
     """Check that ``matrix`` holds raw counts: finite, non-negative, integer, no empty cells.
 

@@ -49,6 +49,7 @@ from ._data import (
     as_label_list,
     assign_groups,
     get_count_matrix,
+    median_library_size,
     resolve_modality,
     validate_counts,
     validate_covariates,
@@ -124,6 +125,10 @@ class ContrastiveVAE(
         Experimental: ``"additive"`` decodes the salient latent as a linear shift of the log
         proportions along unit-norm gene directions, instead of through the non-linear decoder
         (``"nonlinear"``, the default).
+    encoder_library_size
+        Total that the encoders scale each cell's counts to before ``log1p``. Default: the
+        median total count of ``adata``, which keeps sequencing depth out of the latents (a
+        fixed 1e4, the choice before, taught the salient latent depth on shallow data).
     seed
         Seed of the initial network weights (training has its own seed, see :meth:`train`).
     modality
@@ -158,11 +163,15 @@ class ContrastiveVAE(
         responder: bool = False,
         responder_salient_scale: float | None = 0.25,
         salient_effect: Literal["nonlinear", "additive"] = "nonlinear",
+        encoder_library_size: float | None = None,
         seed: int = 0,
         modality: str = "rna",
     ):
         adata = resolve_modality(adata, modality)
         super().__init__(adata)
+        if encoder_library_size is None:
+            counts = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+            encoder_library_size = median_library_size(counts)
         n_batch = self.summary_stats.n_batch
         library_log_means = library_log_vars = None
         if not use_observed_library:
@@ -194,6 +203,7 @@ class ContrastiveVAE(
                 # It raised the responder model's calls, but lowered the plain model's calling
                 # and program separation (docs/benchmarks.md, "Responders").
                 background_from_controls=responder,
+                encoder_library_size=encoder_library_size,
             )
         self._model_summary_string = (
             f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "

@@ -33,6 +33,7 @@ def simulate_screen(
     knockdown_lfc: float = -2.0,
     mean_library_size: float = 3_000.0,
     seed: int = 0,
+    true_background: bool = False,
 ) -> ad.AnnData:
     """Simulate raw UMI counts of a pooled CRISPR screen in a heterogeneous cell line.
 
@@ -73,6 +74,9 @@ def simulate_screen(
         Mean total UMIs per cell.
     seed
         Random seed.
+    true_background
+        Also return each cell's expected expression without its perturbation (dense, so off by
+        default), for benchmarks that need the best background removal possible.
 
     Returns
     -------
@@ -86,7 +90,9 @@ def simulate_screen(
       not escaped;
     - ``var['program']``: the program a gene belongs to (``'none'`` otherwise),
       ``var['is_target_gene']``;
-    - ``uns['simulation']``: parameters, ``target_program`` and the ``program_lfc`` matrix.
+    - ``uns['simulation']``: parameters, ``target_program`` and the ``program_lfc`` matrix;
+    - with ``true_background=True``, ``layers['true_background']``: each cell's expected gene
+      proportions from baseline, background and batch alone (float32, rows sum to 1).
     """
     if n_null_targets >= n_targets:
         raise ValueError("n_null_targets must be smaller than n_targets.")
@@ -134,6 +140,7 @@ def simulate_screen(
     log_rate += np.outer(stress, _sparse_loadings(rng, n_genes, 0.06, 2.5, positive=True))
     log_rate += rng.normal(0, 0.25, (n_batches, n_genes))[batch]
 
+    background_log_rate = log_rate.copy() if true_background else None
     target_index = {t: i for i, t in enumerate(targets)}
     for cell in np.flatnonzero(responds):
         target = perturbation[cell]
@@ -190,4 +197,9 @@ def simulate_screen(
         "escape_fraction": escape_fraction,
         "effect_size": effect_size,
     }
+    if true_background:
+        background = np.exp(background_log_rate - background_log_rate.max(axis=1, keepdims=True))
+        adata.layers["true_background"] = (background / background.sum(1, keepdims=True)).astype(
+            np.float32
+        )
     return adata
