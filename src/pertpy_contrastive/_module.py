@@ -25,16 +25,16 @@ decoder reads z only, and s shifts the log proportions linearly: rho = softmax(f
 with unit-norm rows of W.
 
 Guide: q(z_n | x_n, c_n) q(s_n | x_n, c_n) [q(l_n | x_n, c_n)], encoders on log1p of the
-counts scaled to the data's median depth. The encoders do not see the perturbation label (unless ``salient_encoder_sees_group``),
-so a cell's salient latent reflects its expression, not its guide. The label enters only the
-responder branch, as the index of pi_t and mu_t. q(s | x) is the posterior of the responder
-branch; a non-responder's s is never decoded, so its posterior is its prior and the escaper
-branch carries no salient term (see ``_branch_log_likelihoods``). A control is decoded without
-s, so the ELBO pulls its q(s | x) to the prior, centred on 0; an opt-in Wasserstein penalty pulls
-it further, to the point mass at 0. A per-step MMD between controls' and perturbed cells'
-background latents keeps perturbation effects out of z; with ``background_from_controls`` (set
-by the responder model) only controls train the background encoder, which keeps them out of
-each perturbed cell's z.
+counts scaled to the data's median depth. The encoders do not see the perturbation label
+(unless ``salient_encoder_sees_group``), so a cell's salient latent reflects its expression,
+not its guide. The label enters only the responder branch, as the index of pi_t and mu_t.
+q(s | x) is the posterior of the responder branch; a non-responder's s is never decoded, so its
+posterior is its prior and the escaper branch carries no salient term (see
+``_branch_log_likelihoods``). A control is decoded without s, so the ELBO pulls its q(s | x) to
+the prior, centred on 0; an opt-in Wasserstein penalty pulls it further, to the point mass at 0.
+A per-step MMD between controls' and perturbed cells' background latents keeps perturbation
+effects out of z; with ``background_from_controls`` (set by the responder model) only controls
+train the background encoder, which keeps them out of each perturbed cell's z.
 """
 
 from __future__ import annotations
