@@ -147,8 +147,9 @@ class ExpressionMixin:
           rescaled by the reference's background over the cell's own (both decoded with the
           salient latent at 0 and calibrated on controls). The perturbation effect and the
           counting noise stay, as in the counts; the background's variation (cell cycle,
-          subclones, batch) leaves. ``pt.tl.WilcoxonTest`` on its log recovers the true DE
-          genes at least as well as on log-normalised counts (docs/benchmarks.md).
+          subclones, batch) leaves. ``pt.tl.WilcoxonTest`` on its log ranks the true DE genes
+          of the simulated screens about as well as on log-normalised counts, not better
+          (docs/benchmarks.md); for DE use :meth:`differential_expression`.
         - ``source="decoder"``: the model's decode of the cell's salient latent with the
           background latent and covariates of the reference cells, averaged over them. Smooth,
           for plots; its values are model decodes, not measurements, and a rank test on them
