@@ -12,9 +12,10 @@ as in ``papalexi_responders.py``. Three readings of the library size:
 - **NP cells only**: the raw log total count, over the cells the default model calls NP.
 
 Rows: ContrastiveVAE with its defaults and with one change each (the encoders' input normalised
-to 1e4 counts per cell, the earlier default; responder refinement of 30 epochs; no background MMD; the centred log library size as a continuous covariate; the negative
-binomial likelihood), and scvi-tools' ContrastiveVI (200 epochs), all with model seed 0. Run by
-hand, alone (about 15 minutes on 2 cores):
+to 1e4 counts per cell, the earlier default; responder refinement of 30 epochs; no background
+MMD; the centred log library size as a continuous covariate; the negative binomial likelihood),
+and scvi-tools' ContrastiveVI (200 epochs), all with model seed 0. Run by hand, alone (about 15
+minutes on 2 cores):
 
     .venv/bin/python benchmarks/papalexi_leakage.py
 """

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 # exclude almost always means the cells would wrongly be trained on as a perturbation.
 _UNASSIGNED_LOOKING_LABELS = {"negative", "multiple", "unassigned", "none", "nan", "na", ""}
 
-_VALIDATION_CHUNK_ROWS = 10_000
+_CHUNK_ROWS = 10_000
 
 
 def as_label_list(labels: str | Iterable[str] | None) -> list[str]:
@@ -66,12 +66,15 @@ def get_count_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
+def _row_chunks(matrix):
+    """Yield ``(first row, rows)`` chunks, so that a sparse or backed matrix is never densified."""
+    for start in range(0, matrix.shape[0], _CHUNK_ROWS):
+        yield start, matrix[start : start + _CHUNK_ROWS]
+
+
 def median_library_size(matrix) -> float:
-    """Median total count per cell, read in row chunks (sparse and backed matrices stay so)."""
-    totals = [
-        np.asarray(matrix[start : start + _VALIDATION_CHUNK_ROWS].sum(axis=1)).ravel()
-        for start in range(0, matrix.shape[0], _VALIDATION_CHUNK_ROWS)
-    ]
+    """Median total count per cell, read in row chunks."""
+    totals = [np.asarray(chunk.sum(axis=1)).ravel() for _, chunk in _row_chunks(matrix)]
     return float(np.median(np.concatenate(totals)))
 
 
@@ -82,8 +85,7 @@ def validate_counts(matrix, source: str, obs_names: Sequence[str]) -> None:
     """
     has_non_integer = False
     empty_cells: list[int] = []
-    for start in range(0, matrix.shape[0], _VALIDATION_CHUNK_ROWS):
-        chunk = matrix[start : start + _VALIDATION_CHUNK_ROWS]
+    for start, chunk in _row_chunks(matrix):
         values = chunk.data if sp.issparse(chunk) else np.asarray(chunk)
         if not np.isfinite(values).all():
             raise ValueError(
