@@ -330,7 +330,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 counts = count_distribution(
                     self.likelihood, rate, self.log_inverse_dispersion.exp(), gate_logits
                 )
-                pyro.sample("counts", counts.to_event(1), obs=x)
+                pyro.sample("counts", counts, obs=x)
                 return
             if not self.responder:
                 unperturbed, perturbed = self._log_likelihoods_without_and_with_salient(
@@ -450,7 +450,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         counts = count_distribution(
             self.likelihood, rate, self.log_inverse_dispersion.exp(), gate_logits
         )
-        log_likelihood = counts.log_prob(x_both).sum(-1)
+        log_likelihood = counts.log_prob(x_both)
         return log_likelihood[:n_cells], log_likelihood[n_cells:]
 
     def expression_proportions(self, z, s, batch_index, cat_covs, cont_covs) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""Seconds per training epoch of ContrastiveVAE against scvi-tools' ContrastiveVI, and a profile.
+
+Both train on the same simulated core screen (``simulate_screen``'s defaults) at equal latent
+sizes (10 + 10), network sizes (scvi-tools' defaults: one hidden layer of 128) and batch size
+(128 cells per group), with 10% validation cells and early stopping off. An epoch is timed from
+Lightning's ``on_train_epoch_start`` to ``on_train_epoch_end`` (its training steps and its
+validation), after ``--warmup-epochs`` untimed epochs; the median over ``--epochs`` timed epochs
+is reported. The two methods alternate ``--repeats`` times, and the ratio of each pair is given,
+since only a ratio measured in one run compares across runs on a noisy machine.
+
+``--profile`` adds torch.profiler's table of the operators that took the most time in one
+epoch of ContrastiveVAE (its self time, summed over calls).
+
+Run alone, by hand:  .venv/bin/python benchmarks/epoch_time.py --cells 10000 100000 --output docs/benchmark_epoch_time.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import scvi
+import torch
+from benchmark_core import CONTROL, write_results
+from torch.profiler import ProfilerActivity, profile
+
+import pertpy_contrastive as pc
+
+
+class EpochTimer(pl.Callback):
+    """Records the wall time of every training epoch, validation included."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def train_contrastive_vae(adata, n_epochs, callbacks):
+    data = adata.copy()
+    pc.ContrastiveVAE.setup_anndata(
+        data, perturbation_key="perturbation", control=CONTROL, batch_key="batch"
+    )
+    model = pc.ContrastiveVAE(data, n_salient=10, n_background=10, seed=0)
+    model.train(
+        max_epochs=n_epochs,
+        early_stopping=False,
+        enable_progress_bar=False,
+        callbacks=callbacks,
+    )
+
+
+def train_contrastive_vi(adata, n_epochs, callbacks):
+    scvi.settings.seed = 0
+    data = adata.copy()
+    scvi.external.ContrastiveVI.setup_anndata(data, batch_key="batch")
+    model = scvi.external.ContrastiveVI(data, n_salient_latent=10, n_background_latent=10)
+    is_control = (data.obs["perturbation"] == CONTROL).to_numpy()
+    model.train(
+        background_indices=np.flatnonzero(is_control).tolist(),
+        target_indices=np.flatnonzero(~is_control).tolist(),
+        max_epochs=n_epochs,
+        batch_size=128,
+        early_stopping=False,
+        enable_progress_bar=False,
+        callbacks=callbacks,
+    )
+
+
+METHODS = {"ContrastiveVAE": train_contrastive_vae, "ContrastiveVI": train_contrastive_vi}
+
+
+def median_epoch_seconds(train, adata, args) -> float:
+    timer = EpochTimer()
+    train(adata, args.warmup_epochs + args.epochs, [timer])
+    return statistics.median(timer.seconds[args.warmup_epochs :])
+
+
+class ProfileOneEpoch(pl.Callback):
+    """Runs torch.profiler over the last training epoch."""
+
+    def __init__(self, last_epoch: int):
+        self.last_epoch = last_epoch
+        self.profiler = profile(activities=[ProfilerActivity.CPU])
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.last_epoch:
+            self.profiler.__enter__()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.last_epoch:
+            self.profiler.__exit__(None, None, None)
+
+
+def profile_lines(adata, args, n_rows=12) -> list[str]:
+    """The operators with the most self time in one epoch of ContrastiveVAE, as a table."""
+    profiler = ProfileOneEpoch(args.warmup_epochs)
+    train_contrastive_vae(adata, args.warmup_epochs + 1, [profiler])
+    events = sorted(
+        profiler.profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True
+    )
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = ["| operator | self time (s) | share | calls |", "|---|---|---|---|"]
+    for event in events[:n_rows]:
+        lines.append(
+            f"| `{event.key}` | {event.self_cpu_time_total / 1e6:.2f} | "
+            f"{event.self_cpu_time_total / total:.1%} | {event.count} |"
+        )
+    lines.append(f"| all operators | {total / 1e6:.2f} | 100% | |")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", type=int, nargs="+", default=[10_000])
+    parser.add_argument("--genes", type=int, default=2_000)
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per run")
+    parser.add_argument("--warmup-epochs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per method")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated screen")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--output", type=Path, default=Path("docs/benchmark_epoch_time.md"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    lines = [
+        "| cells | ContrastiveVAE s / epoch | ContrastiveVI s / epoch | ratio per repeat | "
+        "median ratio |",
+        "|---|---|---|---|---|",
+    ]
+    profiles = []
+    for n_cells in args.cells:
+        adata = pc.datasets.simulate_screen(n_cells=n_cells, n_genes=args.genes, seed=args.seed)
+        seconds = {name: [] for name in METHODS}
+        for _ in range(args.repeats):
+            for name, train in METHODS.items():
+                seconds[name].append(median_epoch_seconds(train, adata, args))
+                print(n_cells, name, seconds[name][-1], flush=True)
+        ratios = [ours / theirs for ours, theirs in zip(*seconds.values(), strict=True)]
+        lines.append(
+            f"| {n_cells} | {statistics.median(seconds['ContrastiveVAE']):.2f} | "
+            f"{statistics.median(seconds['ContrastiveVI']):.2f} | "
+            f"{', '.join(f'{r:.2f}' for r in ratios)} | **{statistics.median(ratios):.2f}** |"
+        )
+        if args.profile:
+            profiles += ["", f"Profile of one ContrastiveVAE epoch at {n_cells} cells:", ""]
+            profiles += profile_lines(adata, args)
+    header = (
+        f"Simulated core screen, {args.genes} genes, seed {args.seed}; {args.warmup_epochs} "
+        f"warm-up epoch(s), then the median of {args.epochs} timed epochs, {args.repeats} "
+        f"alternating runs per method; {torch.get_num_threads()} torch threads, "
+        f"{platform.processor() or platform.machine()}, CPU only."
+    )
+    command = (
+        f"`.venv/bin/python benchmarks/epoch_time.py --cells {' '.join(map(str, args.cells))} "
+        f"--genes {args.genes} --epochs {args.epochs} --warmup-epochs {args.warmup_epochs} "
+        f"--repeats {args.repeats} --seed {args.seed}{' --profile' if args.profile else ''} "
+        f"--output {args.output}`"
+    )
+    write_results(args.output, "Seconds per epoch", command, header, lines + profiles)
+
+
+if __name__ == "__main__":
+    main()
