@@ -32,7 +32,8 @@ def _inputs(shape, per_gene_theta=True, seed=0):
 
 @pytest.mark.parametrize("likelihood", ["nb", "zinb"])
 @pytest.mark.parametrize(
-    ("shape", "per_gene_theta"), [((64, 30), True), ((64, 30), False), ((2, 16, 30), True), ((4, 30), True)]
+    ("shape", "per_gene_theta"),
+    [((64, 30), True), ((64, 30), False), ((2, 16, 30), True), ((4, 30), True)],
 )
 def test_zero_aware_log_prob_equals_dense_formula(likelihood, shape, per_gene_theta):
     counts, mu, theta, gate_logits = _inputs(shape, per_gene_theta)

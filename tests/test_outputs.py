@@ -34,6 +34,10 @@ def test_outputs_record_their_provenance_as_h5ad_can_store_it(trained, tmp_path)
     assert record["package_version"] == pc.__version__
     assert record["epochs_trained"] == 60
     assert json.loads(record["write_outputs"]) == {
+        "dense_layers": True,
+        "layers_file": None,
+        "n_layer_cells": None,
+        "n_layer_genes": None,
         "n_reference_cells": 50,
         "seed": 0,
         "threshold": 0.5,

@@ -168,7 +168,7 @@ class DifferentialExpressionMixin:
             )
             table = _gene_effect_table(
                 counts,
-                cells.background[members],
+                cells.background(members),
                 cells.dispersion,
                 weights,
                 controls.information,

@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from importlib.metadata import version
+from pathlib import Path
 from typing import Literal
 
+import h5py
 import numpy as np
+import pandas as pd
 import torch
 from anndata import AnnData
 from mudata import MuData
+from scvi.utils import track
 
 from ._constants import GROUP_KEY, INFERENCE_BATCH_SIZE, NORMALISED_LIBRARY_SIZE, CellGroup
 from ._data import resolve_modality
@@ -22,6 +26,56 @@ from ._responders import dense_counts, response_latent
 # Cell-reference pairs decoded at once: bounds memory at about this many x n_genes floats.
 _PAIRS_PER_CHUNK = 8_192
 _LOG_EPS = 1e-8
+
+
+def _proportions(background: torch.Tensor) -> torch.Tensor:
+    return background / background.sum(1, keepdim=True)
+
+
+def _read_rows(matrix, rows: np.ndarray):
+    """Rows of an in-memory or backed (h5py) matrix; a backed one needs sorted indices."""
+    order = np.argsort(rows, kind="stable")
+    if (order == np.arange(len(rows))).all():
+        return matrix[rows]
+    sorted_rows = matrix[rows[order]]
+    return sorted_rows[np.argsort(order, kind="stable")]
+
+
+def _layer_selection(adata, dense_layers, layers_file, gene_list, cell_indices, overwrite):
+    """Positions of the cells and genes of the layers file, after checking the arguments."""
+    if layers_file is None:
+        if gene_list is not None or cell_indices is not None:
+            raise ValueError(
+                "gene_list and cell_indices select the layers written to layers_file=; a layer "
+                "of the AnnData covers every cell and gene. Pass layers_file=<new .h5ad path>, "
+                "or get_denoised_expression(indices=...) for an array."
+            )
+        return None, None
+    if not dense_layers:
+        raise ValueError("layers_file= streams the dense layers; it needs dense_layers=True.")
+    if Path(layers_file).exists() and not overwrite:
+        raise FileExistsError(
+            f"{layers_file} exists. Pass overwrite=True to replace it, or another layers_file=."
+        )
+    rows = np.arange(adata.n_obs) if cell_indices is None else np.asarray(cell_indices)
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
+        raise ValueError("cell_indices must be a non-empty sequence of cell positions.")
+    if rows.min() < 0 or rows.max() >= adata.n_obs or len(np.unique(rows)) != len(rows):
+        raise ValueError(
+            f"cell_indices must be distinct positions between 0 and {adata.n_obs - 1}."
+        )
+    if gene_list is None:
+        return rows, np.arange(adata.n_vars)
+    gene_list = [gene_list] if isinstance(gene_list, str) else list(gene_list)
+    missing = [gene for gene in gene_list if gene not in adata.var_names]
+    if missing or not gene_list:
+        raise ValueError(
+            f"gene_list has genes absent from var_names: {missing[:10]}. Pass names of "
+            "adata.var_names."
+            if missing
+            else "gene_list is empty."
+        )
+    return rows, adata.var_names.get_indexer(gene_list)
 
 
 def check_finite_latent(latent: np.ndarray) -> None:
@@ -51,7 +105,7 @@ class ExpressionMixin:
     @torch.inference_mode()
     def _posterior_means(self, adata, indices) -> dict[str, torch.Tensor]:
         """Posterior means of z and s, with each cell's covariates, in one encoding pass."""
-        parts = {"z": [], "s": [], "batch": [], "cat": [], "cont": []}
+        parts = {"z": [], "s": [], "batch": [], "cat": [], "cont": [], "library": []}
         for tensors in self._make_data_loader(
             adata=adata, indices=indices, batch_size=INFERENCE_BATCH_SIZE
         ):
@@ -62,6 +116,7 @@ class ExpressionMixin:
             parts["batch"].append(inputs.batch_index)
             parts["cat"].append(inputs.cat_covs)
             parts["cont"].append(inputs.cont_covs)
+            parts["library"].append(inputs.x.sum(-1))
         return {key: torch.cat(values) for key, values in parts.items()}
 
     def _reference_indices(self, adata, reference_indices, n_reference_cells, seed) -> np.ndarray:
@@ -82,23 +137,29 @@ class ExpressionMixin:
 
     @torch.inference_mode()
     def _background_removed_counts(
-        self, adata, indices, reference_indices, library_size, cells=None
+        self, adata, indices, reference_indices, library_size, cells=None, genes=None
     ) -> np.ndarray:
         """Observed counts with each cell's background exchanged for the reference's.
 
         ``x_ng * r_g / p_ng``, then normalised to ``library_size``: ``p_ng`` is the cell's
         background proportion (decoded at s = 0, calibrated on controls as for the responder
         calls) and ``r_g`` the reference cells' mean background proportion. ``cells`` is the
-        ``CalibratedBackground`` of ``adata`` if already computed.
+        ``CalibratedBackground`` of ``adata`` if already computed; ``genes`` (positions) selects
+        the columns returned, normalised as in the full matrix.
         """
         if cells is None:
             _, cells = self._calibrated_background(adata, "rna")
-        proportions = cells.background / cells.background.sum(1, keepdim=True)
-        reference = proportions[reference_indices].mean(0)
         rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-        removed = dense_counts(cells.counts[rows]) * reference / proportions[rows]
-        totals = removed.sum(1, keepdim=True).clamp(min=torch.finfo(removed.dtype).tiny)
-        return (removed / totals * library_size).numpy().astype(np.float32)
+        genes = slice(None) if genes is None else np.asarray(genes)
+        reference = _proportions(cells.background(reference_indices)).mean(0)
+        chunks = []
+        for start in range(0, len(rows), INFERENCE_BATCH_SIZE):
+            chunk = rows[start : start + INFERENCE_BATCH_SIZE]
+            removed = dense_counts(_read_rows(cells.counts, chunk)) * reference
+            removed /= _proportions(cells.background(chunk))
+            totals = removed.sum(1, keepdim=True).clamp(min=torch.finfo(removed.dtype).tiny)
+            chunks.append((removed[:, genes] / totals * library_size).numpy().astype(np.float32))
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
 
     @torch.inference_mode()
     def _denoised(self, cells, reference, library_size) -> np.ndarray:
@@ -120,14 +181,23 @@ class ExpressionMixin:
         return (torch.cat(rows) * library_size).cpu().numpy().astype(np.float32)
 
     @torch.inference_mode()
-    def _effect(self, cells) -> np.ndarray:
-        covariates = (cells["batch"], cells["cat"], cells["cont"])
-        with_salient = self.module.expression_proportions(cells["z"], cells["s"], *covariates)
-        without = self.module.expression_proportions(
-            cells["z"], torch.zeros_like(cells["s"]), *covariates
-        )
-        effect = torch.log(with_salient + _LOG_EPS) - torch.log(without + _LOG_EPS)
-        return effect.cpu().numpy().astype(np.float32)
+    def _effect(self, cells, genes=None) -> np.ndarray:
+        """Log fold change of decoding with s against s = 0, in chunks of cells."""
+        genes = slice(None) if genes is None else torch.as_tensor(np.asarray(genes))
+        chunks = []
+        for start in range(0, len(cells["s"]), INFERENCE_BATCH_SIZE):
+            part = {
+                key: value[start : start + INFERENCE_BATCH_SIZE] for key, value in cells.items()
+            }
+            covariates = (part["batch"], part["cat"], part["cont"])
+            with_salient = self.module.expression_proportions(part["z"], part["s"], *covariates)
+            without = self.module.expression_proportions(
+                part["z"], torch.zeros_like(part["s"]), *covariates
+            )
+            effect = torch.log(with_salient[:, genes] + _LOG_EPS)
+            effect -= torch.log(without[:, genes] + _LOG_EPS)
+            chunks.append(effect.cpu().numpy().astype(np.float32))
+        return np.concatenate(chunks)
 
     @torch.inference_mode()
     def get_denoised_expression(
@@ -216,6 +286,40 @@ class ExpressionMixin:
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
         return self._effect(self._posterior_means(adata, indices))
 
+    def _stream_layers(
+        self, path, target, cells, calibrated, reference, names, rows, genes, progress_bar
+    ) -> None:
+        """Write the two dense layers of cells ``rows`` and genes ``genes`` into a new h5ad file.
+
+        h5py datasets filled a chunk of cells at a time, in anndata's on-disk format for a dense
+        array, rather than an AnnData built in memory: the layers may not fit in memory, and
+        anndata has no writer that appends rows to an array.
+        """
+        shell = AnnData(
+            obs=pd.DataFrame(index=target.obs_names[rows]),
+            var=pd.DataFrame(index=target.var_names[genes]),
+        )
+        shell.write_h5ad(path)
+        chunks = range(0, len(rows), INFERENCE_BATCH_SIZE)
+        with h5py.File(path, "a") as store:
+            layers = {}
+            for name in (names["denoised"], names["effect"]):
+                layers[name] = store["layers"].create_dataset(
+                    name,
+                    shape=(len(rows), len(genes)),
+                    dtype="float32",
+                    chunks=(max(1, min(len(rows), INFERENCE_BATCH_SIZE)), max(1, len(genes))),
+                )
+                layers[name].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            for start in track(chunks, description="Writing layers", disable=not progress_bar):
+                part = rows[start : start + INFERENCE_BATCH_SIZE]
+                stop = start + len(part)
+                layers[names["denoised"]][start:stop] = self._background_removed_counts(
+                    target, part, reference, NORMALISED_LIBRARY_SIZE, calibrated, genes
+                )
+                part_means = {key: value[torch.as_tensor(part)] for key, value in cells.items()}
+                layers[names["effect"]][start:stop] = self._effect(part_means, genes)
+
     def write_outputs(
         self,
         adata: AnnData | MuData | None = None,
@@ -226,6 +330,11 @@ class ExpressionMixin:
         seed: int = 0,
         overwrite: bool = False,
         modality: str = "rna",
+        dense_layers: bool = True,
+        layers_file: str | Path | None = None,
+        gene_list: Sequence[str] | None = None,
+        cell_indices: Sequence[int] | None = None,
+        progress_bar: bool = True,
     ) -> AnnData:
         """Write latents, responder calls, background-removed expression and perturbation effects.
 
@@ -252,6 +361,13 @@ class ExpressionMixin:
 
         Nothing is written unless all keys are free, or ``overwrite=True``.
 
+        The two layers are dense: at 1 million cells x 8,000 genes each is 32 GB. For large data
+        pass ``dense_layers=False`` to skip them, or ``layers_file=`` to stream them, a chunk of
+        cells at a time and with a progress bar, into a new h5ad file (``obs_names``, ``var_names``
+        and the two layers, under the same keys), optionally for ``gene_list`` and
+        ``cell_indices`` only; read it back with ``anndata.read_h5ad(path, backed="r")``.
+        Everything else is written into the AnnData as above.
+
         Parameters
         ----------
         adata
@@ -268,21 +384,38 @@ class ExpressionMixin:
             Replace existing keys of the same names.
         modality
             Modality when ``adata`` is a MuData.
+        dense_layers
+            Compute the two dense layers.
+        layers_file
+            Path of a new ``.h5ad`` file to stream the dense layers into, instead of ``adata``.
+            An existing file is replaced only with ``overwrite=True``.
+        gene_list, cell_indices
+            Genes (names) and cells (positions) of the layers in ``layers_file``; default all.
+        progress_bar
+            Show the progress of streaming the layers.
 
         Returns
         -------
         The AnnData written to.
         """
         target = self.adata if adata is None else resolve_modality(adata, modality)
+        layer_rows, layer_genes = _layer_selection(
+            target, dense_layers, layers_file, gene_list, cell_indices, overwrite
+        )
         keys = {
             "obsm": {kind: f"X_{prefix}_{kind}" for kind in ("salient", "background", "response")},
             "layers": {"denoised": f"{prefix}_denoised", "effect": f"{prefix}_effect"},
             "obs": {name: f"{prefix}_{name}" for name in ("p_perturbed", "class", "class_global")},
             "uns": {"fractions": f"{prefix}_responder_fractions", "provenance": prefix},
         }
+        in_adata = {
+            attribute: named
+            for attribute, named in keys.items()
+            if attribute != "layers" or (dense_layers and layers_file is None)
+        }
         taken = [
             f"{attribute}[{key!r}]"
-            for attribute, named in keys.items()
+            for attribute, named in in_adata.items()
             for key in named.values()
             if key in getattr(target, attribute)
         ]
@@ -301,15 +434,14 @@ class ExpressionMixin:
         for latent in latents.values():
             check_finite_latent(latent)
         reference = self._reference_indices(target, None, n_reference_cells, seed)
-        outputs = {
-            "obsm": {keys["obsm"][kind]: latent for kind, latent in latents.items()},
-            "layers": {
+        outputs = {"obsm": {keys["obsm"][kind]: latent for kind, latent in latents.items()}}
+        if dense_layers and layers_file is None:
+            outputs["layers"] = {
                 keys["layers"]["denoised"]: self._background_removed_counts(
-                    target, None, reference, library_size=NORMALISED_LIBRARY_SIZE, cells=calibrated
+                    target, None, reference, NORMALISED_LIBRARY_SIZE, cells=calibrated
                 ),
                 keys["layers"]["effect"]: self._effect(cells),
-            },
-        }
+            }
         evidence = self._responder_evidence(target, calibrated, seed=seed)
         probability = evidence.probability
         outputs["obsm"][keys["obsm"]["response"]] = response_latent(latents["salient"], probability)
@@ -324,10 +456,31 @@ class ExpressionMixin:
                 target, evidence, "target", 0.95, threshold
             ),
             keys["uns"]["provenance"]: self._provenance(
-                {"threshold": threshold, "n_reference_cells": n_reference_cells, "seed": seed}
+                {
+                    "threshold": threshold,
+                    "n_reference_cells": n_reference_cells,
+                    "seed": seed,
+                    "dense_layers": dense_layers,
+                    "layers_file": None if layers_file is None else str(layers_file),
+                    "n_layer_genes": None if gene_list is None else len(layer_genes),
+                    "n_layer_cells": None if cell_indices is None else len(layer_rows),
+                }
             ),
         }
-        # Written only once everything is computed, so a failure leaves the data as it was.
+        if dense_layers and layers_file is not None:
+            self._stream_layers(
+                Path(layers_file),
+                target,
+                cells,
+                calibrated,
+                reference,
+                keys["layers"],
+                layer_rows,
+                layer_genes,
+                progress_bar,
+            )
+        # Written only once everything is computed (the layers file aside), so a failure leaves
+        # the data as it was.
         for attribute, values in outputs.items():
             for key, value in values.items():
                 getattr(target, attribute)[key] = value

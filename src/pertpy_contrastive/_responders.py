@@ -6,7 +6,7 @@ expression outputs. The generative model of the responder variable is in ``_modu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -35,15 +35,28 @@ CONTROL_CLASS = "NT"
 
 @dataclass(frozen=True)
 class CalibratedBackground:
-    """Cells' counts beside the background the model reads in them, calibrated on controls."""
+    """Cells' counts beside the background the model reads in them, calibrated on controls.
+
+    The background is decoded on demand, for the cells asked for, from each cell's posterior
+    means: no step holds the background of every cell (n_cells x n_genes floats).
+    """
 
     counts: np.ndarray | sparse.spmatrix
-    background: torch.Tensor
-    """``b_ng * exp(o_g)`` of ``_responder_mixture.py``, float64."""
+    posterior_means: dict[str, torch.Tensor]
+    """``_posterior_means`` of every cell."""
+    decode: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    """Background of cells at their own depth, from their posterior means (uncalibrated)."""
+    offset: torch.Tensor
+    """``o_g`` of ``_responder_mixture.py``: per-gene log correction fitted on controls."""
     dispersion: torch.Tensor
     groups: np.ndarray
     targets: np.ndarray
     controls: np.ndarray
+
+    def background(self, rows: np.ndarray) -> torch.Tensor:
+        """``b_ng * exp(o_g)`` of ``_responder_mixture.py`` for cells ``rows``, float64."""
+        means = {key: value[torch.as_tensor(rows)] for key, value in self.posterior_means.items()}
+        return self.decode(means).double() * self.offset.exp()
 
     def of_target(self, index: int) -> np.ndarray:
         """Perturbed cells whose target has code ``index``."""
@@ -54,7 +67,7 @@ class CalibratedBackground:
         """The controls, the reference of the responder calls and of the DE's offset variance."""
         return mixture.control_cells(
             dense_counts(self.counts[self.controls]),
-            self.background[self.controls],
+            self.background(self.controls),
             self.dispersion,
         )
 
@@ -159,7 +172,7 @@ class ResponderMixin:
             allowed = torch.as_tensor(use_target_gene | (adata.var_names != label))
             target = mixture.cross_fitted_evidence(
                 dense_counts(cells.counts[members]),
-                cells.background[members],
+                cells.background(members),
                 cells.dispersion,
                 allowed,
                 gene_fdr,
@@ -195,14 +208,18 @@ class ResponderMixin:
         counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         if posterior_means is None:
             posterior_means = self._posterior_means(adata, None)
-        background = self._background_means(posterior_means, counts).double()
         dispersion = self._dispersion()
+        control_means = {key: value[controls] for key, value in posterior_means.items()}
         offset = mixture.control_offset(
-            dense_counts(counts[controls]), background[controls], dispersion
+            dense_counts(counts[controls]),
+            self._background_means(control_means).double(),
+            dispersion,
         )
         return adata, CalibratedBackground(
             counts=counts,
-            background=background * offset.exp(),
+            posterior_means=posterior_means,
+            decode=self._background_means,
+            offset=offset,
             dispersion=dispersion,
             groups=groups,
             targets=manager.get_from_registry(TARGET_KEY).ravel(),
@@ -210,13 +227,12 @@ class ResponderMixin:
         )
 
     @torch.inference_mode()
-    def _background_means(self, means, counts) -> torch.Tensor:
-        """Each cell's counts decoded at its posterior mean z and s = 0, at its own depth."""
+    def _background_means(self, means) -> torch.Tensor:
+        """Cells' counts decoded at their posterior mean z and s = 0, at their own depth."""
         proportions = self.module.expression_proportions(
             means["z"], torch.zeros_like(means["s"]), means["batch"], means["cat"], means["cont"]
         ).cpu()
-        library = torch.as_tensor(np.asarray(counts.sum(1)), dtype=proportions.dtype)
-        return proportions * library.reshape(-1, 1)
+        return proportions * means["library"].cpu().to(proportions.dtype).reshape(-1, 1)
 
     def _dispersion(self) -> torch.Tensor:
         if self.module.likelihood == "poisson":
