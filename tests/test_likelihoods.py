@@ -8,7 +8,6 @@ from scvi.distributions._negative_binomial import log_nb_positive, log_zinb_posi
 
 import pertpy_contrastive as pc
 from pertpy_contrastive._constants import CellGroup
-
 from pertpy_contrastive._likelihoods import (
     NegativeBinomial,
     ZeroInflatedNegativeBinomial,
@@ -54,7 +53,7 @@ def test_zero_aware_log_prob_equals_dense_formula(likelihood, shape, per_gene_th
 
 
 def test_all_zero_and_float32_counts():
-    counts, mu, theta, gate_logits = _inputs((8, 5))
+    counts, mu, theta, _ = _inputs((8, 5))
     zeros = torch.zeros_like(counts)
     expected = (theta * (torch.log(theta + 1e-8) - torch.log(theta + mu + 1e-8))).sum(-1)
     torch.testing.assert_close(NegativeBinomial(mu, theta).log_prob(zeros), expected)

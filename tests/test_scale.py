@@ -23,7 +23,7 @@ def test_layers_stream_to_a_file_for_a_gene_and_cell_subset(trained, tmp_path):
         cell_indices=cells,
         progress_bar=False,
     )
-    assert not any(key.startswith("streamed") for key in written.layers.keys() if key)
+    assert not any(key.startswith("streamed") for key in written.layers if key)
     assert "X_streamed_salient" in written.obsm and "streamed_p_perturbed" in written.obs
     on_disk = anndata.read_h5ad(path, backed="r")
     assert list(on_disk.obs_names) == list(adata.obs_names[cells])
@@ -38,7 +38,7 @@ def test_layers_stream_to_a_file_for_a_gene_and_cell_subset(trained, tmp_path):
 def test_dense_layers_can_be_skipped(trained):
     adata, model = trained
     written = model.write_outputs(adata.copy(), prefix="light", dense_layers=False)
-    assert not any(key.startswith("light") for key in written.layers.keys() if key)
+    assert not any(key.startswith("light") for key in written.layers if key)
     np.testing.assert_array_equal(
         written.obsm["X_light_salient"], adata.obsm["X_contrastive_salient"]
     )
@@ -66,9 +66,7 @@ def test_backed_data_trains_and_streams_a_gene_subset(screen, tmp_path):
     setup(backed, batch_key="batch")
     model = quick_train(pc.ContrastiveVAE(backed, n_hidden=16))
     genes = list(backed.var_names[:5])
-    model.write_outputs(
-        layers_file=tmp_path / "layers.h5ad", gene_list=genes, progress_bar=False
-    )
+    model.write_outputs(layers_file=tmp_path / "layers.h5ad", gene_list=genes, progress_bar=False)
     assert backed.isbacked
     assert backed.obsm["X_contrastive_salient"].shape == (backed.n_obs, 10)
     layers = anndata.read_h5ad(tmp_path / "layers.h5ad")
