@@ -21,7 +21,7 @@ from scvi.utils import track
 
 from ._constants import GROUP_KEY, INFERENCE_BATCH_SIZE, NORMALISED_LIBRARY_SIZE, CellGroup
 from ._data import resolve_modality
-from ._responders import dense_counts, response_latent
+from ._responders import dense_counts, response_latent, select_cells
 
 # Cell-reference pairs decoded at once: bounds memory at about this many x n_genes floats.
 _PAIRS_PER_CHUNK = 8_192
@@ -317,8 +317,7 @@ class ExpressionMixin:
                 layers[names["denoised"]][start:stop] = self._background_removed_counts(
                     target, part, reference, NORMALISED_LIBRARY_SIZE, calibrated, genes
                 )
-                part_means = {key: value[torch.as_tensor(part)] for key, value in cells.items()}
-                layers[names["effect"]][start:stop] = self._effect(part_means, genes)
+                layers[names["effect"]][start:stop] = self._effect(select_cells(cells, part), genes)
 
     def write_outputs(
         self,

@@ -6,9 +6,9 @@ the forward pass evaluates ``lgamma`` and the backward pass ``digamma`` (the mos
 of a training step) on n_cells x n_genes values instead of n_genes. Pyro's logits parametrisation
 also adds two ``logsigmoid`` passes. And both evaluate ``lgamma(x + theta)`` at every count,
 although for a zero it cancels against ``lgamma(theta)``: ``log NB(0) = theta log(theta / (theta +
-mu))``. Here the ``lgamma`` terms are evaluated at the nonzero counts only, gathered, and summed
-back per cell, so a distribution's event is one cell's genes and ``log_prob`` returns one value
-per cell. The formulas are scvi-tools' ``log_nb_positive`` / ``log_zinb_positive``; the sampler
+mu))``. Here the ``lgamma`` terms are tabulated per gene and gathered at each count (see
+``NegativeBinomial._count_terms``), and summed per cell, so a distribution's event is one cell's
+genes and ``log_prob`` returns one value per cell. The formulas are scvi-tools' ``log_nb_positive`` / ``log_zinb_positive``; the sampler
 is the usual gamma-Poisson mixture.
 """
 

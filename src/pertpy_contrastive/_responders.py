@@ -55,8 +55,7 @@ class CalibratedBackground:
 
     def background(self, rows: np.ndarray) -> torch.Tensor:
         """``b_ng * exp(o_g)`` of ``_responder_mixture.py`` for cells ``rows``, float64."""
-        means = {key: value[torch.as_tensor(rows)] for key, value in self.posterior_means.items()}
-        return self.decode(means).double() * self.offset.exp()
+        return self.decode(select_cells(self.posterior_means, rows)).double() * self.offset.exp()
 
     def of_target(self, index: int) -> np.ndarray:
         """Perturbed cells whose target has code ``index``."""
@@ -209,10 +208,9 @@ class ResponderMixin:
         if posterior_means is None:
             posterior_means = self._posterior_means(adata, None)
         dispersion = self._dispersion()
-        control_means = {key: value[controls] for key, value in posterior_means.items()}
         offset = mixture.control_offset(
             dense_counts(counts[controls]),
-            self._background_means(control_means).double(),
+            self._background_means(select_cells(posterior_means, controls)).double(),
             dispersion,
         )
         return adata, CalibratedBackground(
@@ -364,6 +362,12 @@ class ResponderMixin:
 def response_latent(salient: np.ndarray, probability: np.ndarray) -> np.ndarray:
     """Posterior mean of y * s: the salient latent weighted by the responder probability."""
     return salient * probability[:, None]
+
+
+def select_cells(posterior_means: dict[str, torch.Tensor], rows) -> dict[str, torch.Tensor]:
+    """Return the posterior means (and covariates) of cells ``rows`` (positions)."""
+    rows = torch.as_tensor(rows)
+    return {key: value[rows] for key, value in posterior_means.items()}
 
 
 def dense_counts(counts) -> torch.Tensor:
