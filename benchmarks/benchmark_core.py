@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pertpy as pt
 import scanpy as sc
 import scvi
@@ -95,6 +96,31 @@ def leakage(embedding, obs) -> dict[str, float]:
         "cell_cycle_r2": r2["cell_cycle"],
         "stress_r2": r2["stress"],
     }
+
+
+def large_screen(n_cells, n_genes, seed, simulate_at_most=None, new_targets=False):
+    """The core screen at ``n_cells``, repeating a smaller simulated screen's cells if asked to.
+
+    The simulation holds several dense cells x genes float64 arrays (8 GB each at 500,000 x
+    2,000), more than this machine's memory; a repeated cell costs what a new cell costs.
+    ``new_targets`` gives each repeat's perturbed cells targets of their own (``T3`` becomes
+    ``T3_r2``), so that cells per target stay as in the simulated screen, as in genome-wide
+    screens, whose targets grow with their cells.
+    """
+    simulated = min(n_cells, simulate_at_most or n_cells)
+    adata = pc.datasets.simulate_screen(n_cells=simulated, n_genes=n_genes, seed=seed)
+    if simulated == n_cells:
+        return adata
+    rows = np.resize(np.arange(simulated), n_cells)
+    repeated = adata[rows].copy()
+    repeated.obs_names = [f"cell_{i:07d}" for i in range(n_cells)]
+    if new_targets:
+        labels = repeated.obs["perturbation"].astype(str).to_numpy()
+        repeat = (np.arange(n_cells) // simulated).astype(str)
+        perturbed = labels != CONTROL
+        labels[perturbed] = np.char.add(np.char.add(labels[perturbed], "_r"), repeat[perturbed])
+        repeated.obs["perturbation"] = pd.Categorical(labels)
+    return repeated
 
 
 def log_normalised(adata):

@@ -13,7 +13,13 @@ epoch of ContrastiveVAE (its self time, summed over calls). ``--sparse-probe`` t
 encoders' first layer (a step's 256 cells x genes, times 128 hidden units, forward and backward)
 as a dense product and as torch's sparse CSR x dense product, at several densities.
 
+The table also gives training throughput, cells per second (the training cells of an epoch
+divided by its seconds), so that runs at several sizes show whether the cost grows linearly in
+cells. ``--simulate-at-most N`` simulates N cells and repeats that screen's cells to reach a
+larger size (``benchmark_core.large_screen``).
+
 Run alone, by hand:  .venv/bin/python benchmarks/epoch_time.py --cells 10000 100000 --output docs/benchmark_epoch_time.md
+Throughput:  .venv/bin/python benchmarks/epoch_time.py --cells 50000 200000 500000 --epochs 2 --repeats 1 --simulate-at-most 50000 --output docs/benchmark_throughput.md
 """
 
 from __future__ import annotations
@@ -30,10 +36,14 @@ import lightning.pytorch as pl
 import numpy as np
 import scvi
 import torch
-from benchmark_core import CONTROL, write_results
+from benchmark_core import CONTROL, large_screen, write_results
 from torch.profiler import ProfilerActivity, profile
 
 import pertpy_contrastive as pc
+
+# Both methods train on 90% of the cells (their validation split is not timed: early stopping
+# is off, so scvi-tools' Trainer does not validate).
+TRAIN_SIZE = 0.9
 
 
 class EpochTimer(pl.Callback):
@@ -161,6 +171,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated screen")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sparse-probe", action="store_true")
+    parser.add_argument(
+        "--simulate-at-most", type=int, help="simulate at most this many cells, then repeat them"
+    )
     parser.add_argument("--output", type=Path, default=Path("docs/benchmark_epoch_time.md"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -168,12 +181,12 @@ def main():
 
     lines = [
         "| cells | ContrastiveVAE s / epoch | ContrastiveVI s / epoch | ratio per repeat | "
-        "median ratio |",
-        "|---|---|---|---|---|",
+        "median ratio | ContrastiveVAE cells / s | ContrastiveVI cells / s |",
+        "|---|---|---|---|---|---|---|",
     ]
     profiles = []
     for n_cells in args.cells:
-        adata = pc.datasets.simulate_screen(n_cells=n_cells, n_genes=args.genes, seed=args.seed)
+        adata = large_screen(n_cells, args.genes, args.seed, args.simulate_at_most)
         seconds = {name: [] for name in METHODS}
         for _ in range(args.repeats):
             for name, train in METHODS.items():
@@ -183,11 +196,17 @@ def main():
         lines.append(
             f"| {n_cells} | {statistics.median(seconds['ContrastiveVAE']):.2f} | "
             f"{statistics.median(seconds['ContrastiveVI']):.2f} | "
-            f"{', '.join(f'{r:.2f}' for r in ratios)} | **{statistics.median(ratios):.2f}** |"
+            f"{', '.join(f'{r:.2f}' for r in ratios)} | **{statistics.median(ratios):.2f}** | "
+            + " | ".join(
+                f"{TRAIN_SIZE * n_cells / statistics.median(seconds[name]):,.0f}"
+                for name in METHODS
+            )
+            + " |"
         )
         if args.profile:
             profiles += ["", f"Profile of one ContrastiveVAE epoch at {n_cells} cells:", ""]
             profiles += profile_lines(adata, args)
+        del adata  # before the next size's screen is built
     if args.sparse_probe:
         profiles += ["", "The encoders' first layer, dense against sparse input:", ""]
         profiles += sparse_probe_lines(args.genes)
@@ -195,13 +214,20 @@ def main():
         f"Simulated core screen, {args.genes} genes, seed {args.seed}; {args.warmup_epochs} "
         f"warm-up epoch(s), then the median of {args.epochs} timed epochs, {args.repeats} "
         f"alternating runs per method; {torch.get_num_threads()} torch threads, "
-        f"{platform.processor() or platform.machine()}, CPU only."
+        f"{platform.processor() or platform.machine()}, CPU only. Cells per second: 90% of "
+        "the cells (the training split) over the median seconds per epoch."
     )
+    if args.simulate_at_most:
+        header += (
+            f" Sizes above {args.simulate_at_most:,} cells repeat the cells of the "
+            f"{args.simulate_at_most:,}-cell simulated screen."
+        )
     command = (
         f"`.venv/bin/python benchmarks/epoch_time.py --cells {' '.join(map(str, args.cells))} "
         f"--genes {args.genes} --epochs {args.epochs} --warmup-epochs {args.warmup_epochs} "
         f"--repeats {args.repeats} --seed {args.seed}{' --profile' if args.profile else ''}"
-        f"{' --sparse-probe' if args.sparse_probe else ''} "
+        f"{' --sparse-probe' if args.sparse_probe else ''}"
+        f"{f' --simulate-at-most {args.simulate_at_most}' if args.simulate_at_most else ''} "
         f"--output {args.output}`"
     )
     write_results(args.output, "Seconds per epoch", command, header, lines + profiles)

@@ -26,7 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
-from benchmark_core import CONTROL, write_results
+from benchmark_core import CONTROL, large_screen, write_results
 
 import pertpy_contrastive as pc
 
@@ -74,6 +74,12 @@ def main():
     parser.add_argument("--cells", type=int, nargs="+", default=[50_000, 200_000])
     parser.add_argument("--genes", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--simulate-at-most",
+        type=int,
+        help="simulate at most this many cells, then repeat them with new targets",
+    )
+    parser.add_argument("--modes", nargs="+", default=["in memory", "backed"])
     parser.add_argument("--output", type=Path, default=Path("docs/benchmark_memory_scale.md"))
     parser.add_argument("--run-one", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -89,10 +95,10 @@ def main():
     with tempfile.TemporaryDirectory() as directory:
         for n_cells in args.cells:
             path = Path(directory) / f"screen_{n_cells}.h5ad"
-            pc.datasets.simulate_screen(
-                n_cells=n_cells, n_genes=args.genes, seed=args.seed
+            large_screen(
+                n_cells, args.genes, args.seed, args.simulate_at_most, new_targets=True
             ).write_h5ad(path)
-            for mode in ("in memory", "backed"):
+            for mode in args.modes:
                 finished = subprocess.run(
                     [sys.executable, __file__, "--run-one", str(path), mode.split()[-1]],
                     capture_output=True,
@@ -108,9 +114,17 @@ def main():
         "CSR in h5ad; each run in a fresh process; peak resident set size (VmHWM), "
         "cumulative up to each point."
     )
+    if args.simulate_at_most:
+        header += (
+            f" Sizes above {args.simulate_at_most:,} cells repeat the cells of the "
+            f"{args.simulate_at_most:,}-cell simulated screen, each repeat with targets of its "
+            "own (cells per target stay constant, as in genome-wide screens)."
+        )
     command = (
         f"`.venv/bin/python benchmarks/memory_scale.py --cells {' '.join(map(str, args.cells))} "
-        f"--genes {args.genes} --seed {args.seed} --output {args.output}`"
+        f"--genes {args.genes} --seed {args.seed}"
+        f"{f' --simulate-at-most {args.simulate_at_most}' if args.simulate_at_most else ''}"
+        f" --modes {' '.join(repr(mode) for mode in args.modes)} --output {args.output}`"
     )
     write_results(args.output, "Peak memory by cell count", command, header, lines)
 

@@ -72,3 +72,19 @@ def test_backed_data_trains_and_streams_a_gene_subset(screen, tmp_path):
     layers = anndata.read_h5ad(tmp_path / "layers.h5ad")
     assert layers.shape == (backed.n_obs, 5)
     assert np.isfinite(layers.layers["contrastive_denoised"]).all()
+
+
+def test_large_control_sets_are_subsampled_as_the_reference(trained, monkeypatch):
+    adata, model = trained
+    full = model.get_responder_probability(adata)
+    _, cells = model._calibrated_background(adata, "rna")
+    n_controls = len(cells.controls)
+    monkeypatch.setattr(pc._responders, "MAX_REFERENCE_CONTROLS", n_controls // 2)
+    _, capped_cells = model._calibrated_background(adata, "rna")
+    assert len(capped_cells.controls) == n_controls  # every control still gets class NT
+    assert capped_cells.control_cells.counts.shape == (n_controls // 2, adata.n_vars)
+    capped = model.get_responder_probability(adata)
+    assert np.array_equal(np.isnan(capped), np.isnan(full))
+    scored = ~np.isnan(full)
+    # Half the controls as the reference: the same calls, up to the reference's noise.
+    assert np.mean((capped[scored] > 0.5) == (full[scored] > 0.5)) > 0.95

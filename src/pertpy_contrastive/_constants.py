@@ -63,3 +63,11 @@ DE_DELTA = 0.25
 
 DE_FDR_TARGET = 0.05
 """Posterior expected FDR of the genes ``differential_expression`` flags."""
+
+MAX_REFERENCE_CONTROLS = 20_000
+"""Controls that calibrate the background (a random subset, seed 0, of larger control sets).
+
+They are held dense (controls x genes float64, counts and background) for the offset fit, the
+responder calls' control p-values and the DE's offset variance; the cap bounds that memory on
+genome-scale screens, where 20,000 controls already fix each gene's offset closely.
+"""

@@ -78,6 +78,12 @@ class PairedBatchSampler(Sampler):
     stratum_names
         The user's name of each stratum code, for messages (e.g. ``"batch 'rep2' of
         obs['replicate']"``); default: the code.
+
+    Under distributed training (:meth:`shard`), every rank builds the same ordered step list
+    from ``(seed, epoch)`` and takes every ``num_replicas``-th step from its rank on, so the
+    ranks cover disjoint shares of one epoch's steps. Lightning's own distributed sampler is not
+    used: it would shuffle our steps a second time and never pass the epoch on to this sampler,
+    so every epoch would repeat the first epoch's pairing.
     """
 
     def __init__(
@@ -94,6 +100,8 @@ class PairedBatchSampler(Sampler):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.rank = 0
+        self.num_replicas = 1
         self.pools: list[_StratumPool] = []
         for stratum in np.unique(strata[indices]):
             name = f"batch {stratum}" if stratum_names is None else stratum_names[stratum]
@@ -139,8 +147,15 @@ class PairedBatchSampler(Sampler):
         """Select the pairing of ``epoch`` (called by Lightning at the start of each epoch)."""
         self.epoch = epoch
 
+    def shard(self, rank: int, num_replicas: int) -> None:
+        """Yield only the share of the steps of ``rank`` out of ``num_replicas`` processes."""
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}.")
+        self.rank = rank
+        self.num_replicas = num_replicas
+
     def __len__(self) -> int:
-        return self.n_steps
+        return math.ceil(self.n_steps / self.num_replicas)
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
@@ -156,8 +171,12 @@ class PairedBatchSampler(Sampler):
                 (np.concatenate([bg, tg]), weights)
                 for bg, tg in zip(background, target, strict=True)
             )
-        order = rng.permutation(len(steps)) if rng is not None else range(len(steps))
-        for step in order:
+        order = rng.permutation(len(steps)) if rng is not None else np.arange(len(steps))
+        # Every rank must run the same number of steps (DDP averages gradients at each one):
+        # the list wraps around to a multiple of num_replicas, so at most num_replicas - 1
+        # steps are seen twice per epoch, as with torch's DistributedSampler.
+        padded = np.resize(order, len(self) * self.num_replicas)
+        for step in padded[self.rank :: self.num_replicas]:
             cells, weights = steps[step]
             # Sorted reads are faster on CSR matrices and required by backed (h5py) data.
             by_position = np.argsort(cells, kind="stable")
@@ -278,6 +297,8 @@ class PairedDataSplitter(pl.LightningDataModule):
     def _loader(
         self, sampler: PairedBatchSampler, responder_weights: np.ndarray | None = None
     ) -> DataLoader:
+        if self.trainer is not None:
+            sampler.shard(self.trainer.global_rank, self.trainer.world_size)
         dataset = _StepDataset(self.adata_manager.create_torch_dataset(), responder_weights)
         # batch_size=None: the sampler already yields whole steps, read with one call each.
         return DataLoader(dataset, sampler=sampler, batch_size=None)

@@ -16,6 +16,7 @@ import numpy as np
 import pyro
 import torch
 from anndata import AnnData
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerStatus
 from mudata import MuData
 from scvi import REGISTRY_KEYS
@@ -26,11 +27,15 @@ from scvi.data.fields import (
     LayerField,
     NumericalJointObsField,
 )
-from scvi.model._utils import _init_library_size, get_max_epochs_heuristic
+from scvi.model._utils import (
+    _init_library_size,
+    get_max_epochs_heuristic,
+    use_distributed_sampler,
+)
 from scvi.model.base import BaseModelClass
 from scvi.model.base._constants import SAVE_KEYS
 from scvi.model.base._save_load import _load_saved_files
-from scvi.train import TrainRunner
+from scvi.train import LoudEarlyStopping, TrainRunner
 
 from ._calling import CallingMixin
 from ._constants import (
@@ -328,6 +333,8 @@ class ContrastiveVAE(
         seed: int = 0,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
+        strategy: str | Strategy = "auto",
+        num_nodes: int = 1,
         plan_kwargs: dict | None = None,
         **trainer_kwargs,
     ) -> None:
@@ -374,6 +381,13 @@ class ContrastiveVAE(
             Seed of the split, the pairing, the initialisation and the sampling.
         accelerator, devices
             Lightning accelerator and devices; ``"auto"`` uses a GPU when present.
+        strategy, num_nodes
+            Lightning strategy and number of machines. ``strategy="ddp"`` trains one copy of
+            the model per device (a process each) on disjoint shares of every epoch's paired
+            steps and averages their gradients; validation losses are averaged over the
+            processes, and early stopping works as on one device. Every process ends with the
+            same trained model. See :doc:`/distributed` for launching it with ``torchrun`` or
+            SLURM.
         plan_kwargs
             Further arguments of :class:`~pertpy_contrastive._training_plan.ContrastiveTrainingPlan`.
         **trainer_kwargs
@@ -406,6 +420,10 @@ class ContrastiveVAE(
         trainer_kwargs = {
             "accelerator": accelerator,
             "devices": devices,
+            "strategy": strategy,
+            "num_nodes": num_nodes,
+            # PairedDataSplitter shards its own steps across processes (see PairedBatchSampler).
+            "use_distributed_sampler": False,
             "early_stopping_monitor": "loss_validation",
             "early_stopping_patience": early_stopping_patience,
             **trainer_kwargs,
@@ -449,14 +467,21 @@ class ContrastiveVAE(
         """One Lightning run through scvi-tools' runner; ``False`` if Ctrl-C interrupted it."""
         self.module.train()  # a trained model is left in eval mode; training resumes from it
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
-        runner = self._train_runner_cls(
-            self,
-            training_plan=training_plan,
-            data_splitter=data_splitter,
-            max_epochs=max_epochs,
-            early_stopping=early_stopping,
-            **trainer_kwargs,
-        )
+        trainer_kwargs = dict(trainer_kwargs)
+        if use_distributed_sampler(trainer_kwargs["strategy"]):
+            trainer_kwargs = _distributed_early_stopping(trainer_kwargs, early_stopping)
+            early_stopping = False
+        with warnings.catch_warnings():
+            # Issued under DDP whatever early_stopping is; the callback above replaces it.
+            warnings.filterwarnings("ignore", message="early_stopping was automatically disabled")
+            runner = self._train_runner_cls(
+                self,
+                training_plan=training_plan,
+                data_splitter=data_splitter,
+                max_epochs=max_epochs,
+                early_stopping=early_stopping,
+                **trainer_kwargs,
+            )
         interrupt_handler = signal.getsignal(signal.SIGINT)
         try:
             with _seeded_random_state(seed):
@@ -471,6 +496,11 @@ class ContrastiveVAE(
             return False
         finally:
             self.module.eval()  # also after a diverged run, so latents stay deterministic
+        if torch.distributed.is_initialized():
+            # scvi-tools' logger records the history on rank 0 only; every process returns the
+            # same trained model, so it gets the same history too. (Spawn-based strategies
+            # return to a process outside the group, which reads rank 0's saved history.)
+            self.history_ = runner.trainer.strategy.broadcast(self.history_, src=0)
         return True
 
     def _training_responder_weights(self, train_indices: np.ndarray) -> np.ndarray:
@@ -701,3 +731,27 @@ def _seeded_random_state(seed: int):
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)  # noqa: NPY002
+
+
+def _distributed_early_stopping(trainer_kwargs: dict, early_stopping: bool) -> dict:
+    """Trainer arguments under DDP, with early stopping added back when it was asked for.
+
+    scvi-tools' Trainer switches early stopping off under DDP. Lightning's EarlyStopping is
+    safe there: the monitored validation loss is averaged over the processes (``sync_dist``)
+    and the callback reduces its decision across them, so all processes stop at one epoch.
+    """
+    stopping_kwargs = {
+        key: trainer_kwargs.pop(f"early_stopping_{key}")
+        for key in ("monitor", "patience", "warmup_epochs", "min_delta", "mode")
+        if f"early_stopping_{key}" in trainer_kwargs
+    }
+    if not early_stopping:
+        return trainer_kwargs
+    stopping_kwargs = {"min_delta": 0.0, "mode": "min", **stopping_kwargs}
+    trainer_kwargs["callbacks"] = [
+        *trainer_kwargs.get("callbacks", []),
+        LoudEarlyStopping(**stopping_kwargs),
+    ]
+    # scvi-tools' Trainer validates only when its own early stopping is on.
+    trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+    return trainer_kwargs

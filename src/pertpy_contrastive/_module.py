@@ -223,6 +223,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             n_cat_list=covariate_sizes,
             **network,
         )
+        # DecoderSCVI's per-cell dispersion head is never used (theta is per gene). Frozen, so
+        # that DDP, which needs a gradient for every trained parameter, accepts the module.
+        self.decoder.px_r_decoder.requires_grad_(False)
         # Gene-wise inverse dispersion theta_g (log), a point estimate kept in the state dict.
         self.log_inverse_dispersion = nn.Parameter(torch.zeros(n_genes))
         self._register_load_state_dict_pre_hook(_load_legacy_state)

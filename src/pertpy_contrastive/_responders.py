@@ -22,6 +22,7 @@ from scvi import REGISTRY_KEYS
 from . import _responder_mixture as mixture
 from ._constants import (
     GROUP_KEY,
+    MAX_REFERENCE_CONTROLS,
     RESPONDER_FOLDS,
     RESPONDER_GENE_FDR,
     TARGET_KEY,
@@ -52,6 +53,10 @@ class CalibratedBackground:
     groups: np.ndarray
     targets: np.ndarray
     controls: np.ndarray
+    control_counts: torch.Tensor
+    """Counts of the reference controls (all, or ``MAX_REFERENCE_CONTROLS`` of them), float64."""
+    control_background: torch.Tensor
+    """Calibrated background of the reference controls, decoded once for the offset fit."""
 
     def background(self, rows: np.ndarray) -> torch.Tensor:
         """``b_ng * exp(o_g)`` of ``_responder_mixture.py`` for cells ``rows``, float64."""
@@ -64,11 +69,7 @@ class CalibratedBackground:
     @cached_property
     def control_cells(self) -> mixture.ControlCells:
         """The controls, the reference of the responder calls and of the DE's offset variance."""
-        return mixture.control_cells(
-            dense_counts(self.counts[self.controls]),
-            self.background(self.controls),
-            self.dispersion,
-        )
+        return mixture.control_cells(self.control_counts, self.control_background, self.dispersion)
 
 
 @dataclass(frozen=True)
@@ -208,11 +209,14 @@ class ResponderMixin:
         if posterior_means is None:
             posterior_means = self._posterior_means(adata, None)
         dispersion = self._dispersion()
-        offset = mixture.control_offset(
-            dense_counts(counts[controls]),
-            self._background_means(select_cells(posterior_means, controls)).double(),
-            dispersion,
-        )
+        reference = controls
+        if len(controls) > MAX_REFERENCE_CONTROLS:
+            rng = np.random.default_rng(0)
+            reference = np.sort(rng.choice(controls, MAX_REFERENCE_CONTROLS, replace=False))
+        control_counts = dense_counts(counts[reference])
+        control_background = self._background_means(select_cells(posterior_means, reference))
+        control_background = control_background.double()
+        offset = mixture.control_offset(control_counts, control_background, dispersion)
         return adata, CalibratedBackground(
             counts=counts,
             posterior_means=posterior_means,
@@ -222,6 +226,8 @@ class ResponderMixin:
             groups=groups,
             targets=manager.get_from_registry(TARGET_KEY).ravel(),
             controls=controls,
+            control_counts=control_counts,
+            control_background=control_background.mul_(offset.exp()),
         )
 
     @torch.inference_mode()

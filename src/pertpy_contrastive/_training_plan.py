@@ -89,6 +89,13 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
                 **kwargs,
             )
 
+    def on_train_start(self):
+        """Under DDP, give each process its own sampling noise, derived from the run's seed."""
+        if self.trainer.world_size > 1:
+            # With one seed, every process would draw the same noise for its minibatch, and the
+            # averaged gradient would not be that of one step with all the processes' cells.
+            pyro.set_rng_seed(torch.initial_seed() + self.trainer.global_rank)
+
     def configure_optimizers(self):
         """Adam; the fused kernel where available (CPU, CUDA) saves ~10% of a CPU step."""
         fused = self.device.type in ("cpu", "cuda")
@@ -112,7 +119,12 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
         buffers = {name: buffer.clone() for name, buffer in self.module.named_buffers()}
         all_respond = self.current_epoch < self.n_epochs_responder_warmup
         loss = self._negative_elbo(batch, kl_weight, all_respond, self._salient_scale())
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:
+            # Under DDP, a rank that raised alone would leave the others waiting for its
+            # gradients: all ranks stop together when any one diverges.
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             # Raised before the optimiser step, so the parameters stay as they were.
             self.module.load_state_dict(buffers, strict=False)
             raise TrainingDivergedError(
@@ -147,6 +159,9 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
                 on_epoch=True,
                 prog_bar=name == "loss",
                 batch_size=n_cells,
+                # Under DDP, the epoch means are averaged over the ranks, so that every rank
+                # (and early stopping, the history and the checkpoints) sees the same values.
+                sync_dist=True,
             )
 
     def on_train_epoch_end(self):
