@@ -15,21 +15,22 @@ def _planted(effect_size: float, seed: int = 0, n_controls: int = 1000):
 
     Returns the target's counts, background, dispersion and true responders, and controls.
     """
-    generator = torch.Generator().manual_seed(seed)
-    proportions = torch.distributions.Dirichlet(torch.full((N_GENES,), 2.0)).sample()
-    background = 3000.0 * proportions.double().expand(N_CELLS, N_GENES)
-    dispersion = torch.full((N_GENES,), 5.0, dtype=torch.float64)
-    responded = torch.rand(N_CELLS, generator=generator) < 0.6
-    effect = torch.zeros(N_GENES, dtype=torch.float64)
-    effect[:N_EFFECT_GENES] = effect_size
-    mean = background * torch.where(responded[:, None], effect.exp(), 1.0)
-    rate = torch.distributions.Gamma(dispersion, dispersion / mean).sample()
-    counts = torch.poisson(rate, generator=generator)
-    control_background = background[:1].expand(n_controls, N_GENES)
-    control_rate = torch.distributions.Gamma(dispersion, dispersion / control_background).sample()
-    controls = mixture.control_cells(
-        torch.poisson(control_rate, generator=generator), control_background, dispersion
-    )
+    # torch.distributions sample from the global generator: seed it, and restore it after.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        proportions = torch.distributions.Dirichlet(torch.full((N_GENES,), 2.0)).sample()
+        background = 3000.0 * proportions.double().expand(N_CELLS, N_GENES)
+        dispersion = torch.full((N_GENES,), 5.0, dtype=torch.float64)
+        responded = torch.rand(N_CELLS) < 0.6
+        effect = torch.zeros(N_GENES, dtype=torch.float64)
+        effect[:N_EFFECT_GENES] = effect_size
+        mean = background * torch.where(responded[:, None], effect.exp(), 1.0)
+        counts = torch.poisson(torch.distributions.Gamma(dispersion, dispersion / mean).sample())
+        control_background = background[:1].expand(n_controls, N_GENES)
+        control_rate = torch.distributions.Gamma(dispersion, dispersion / control_background)
+        controls = mixture.control_cells(
+            torch.poisson(control_rate.sample()), control_background, dispersion
+        )
     return counts, background, dispersion, responded, controls
 
 
@@ -48,6 +49,14 @@ def test_log_likelihood_ratio_is_the_difference_of_the_branches():
     )
     actual = mixture.log_likelihood_ratio(counts, background, dispersion, effect)
     torch.testing.assert_close(actual, expected)
+    # Genes without an effect add nothing; they are skipped.
+    sparse_effect = effect * (torch.arange(N_GENES) % 3 == 0)
+    expected = log_likelihood(background * sparse_effect.exp(), dispersion) - log_likelihood(
+        background, dispersion
+    )
+    torch.testing.assert_close(
+        mixture.log_likelihood_ratio(counts, background, dispersion, sparse_effect), expected
+    )
     # The huge dispersion used for a Poisson likelihood gives the Poisson ratio.
     poisson = torch.full_like(dispersion, mixture.POISSON_DISPERSION)
     expected = (

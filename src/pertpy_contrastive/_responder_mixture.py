@@ -161,8 +161,13 @@ def fisher_information(mean, dispersion, weights) -> torch.Tensor:
 def log_likelihood_ratio(counts, background, dispersion, effect, overdispersion=1.0):
     """``log p(x | y = 1) - log p(x | y = 0)`` per cell, for a target's effect.
 
-    Divided by the quasi-likelihood ``overdispersion`` (see ``select_effect_genes``).
+    Divided by the quasi-likelihood ``overdispersion`` (see ``select_effect_genes``). Only the
+    genes with an effect enter, since the two branches are equal on the others: an effect
+    touches few genes, and every reference control is scored for every fold of every target.
     """
+    genes = effect != 0
+    counts, background = counts[:, genes], background[:, genes]
+    dispersion, effect = dispersion[genes], effect[genes]
     responded = negative_binomial_log_likelihood(counts, background * effect.exp(), dispersion)
     escaped = negative_binomial_log_likelihood(counts, background, dispersion)
     return (responded - escaped).sum(-1) / overdispersion
