@@ -8,8 +8,8 @@ also adds two ``logsigmoid`` passes. And both evaluate ``lgamma(x + theta)`` at 
 although for a zero it cancels against ``lgamma(theta)``: ``log NB(0) = theta log(theta / (theta +
 mu))``. Here the ``lgamma`` terms are tabulated per gene and gathered at each count (see
 ``NegativeBinomial._count_terms``), and summed per cell, so a distribution's event is one cell's
-genes and ``log_prob`` returns one value per cell. The formulas are scvi-tools' ``log_nb_positive`` / ``log_zinb_positive``; the sampler
-is the usual gamma-Poisson mixture.
+genes and ``log_prob`` returns one value per cell. The formulas are scvi-tools'
+``log_nb_positive`` / ``log_zinb_positive``; the sampler is the usual gamma-Poisson mixture.
 """
 
 from __future__ import annotations
