@@ -104,20 +104,36 @@ class ExpressionMixin:
 
     @torch.inference_mode()
     def _posterior_means(self, adata, indices) -> dict[str, torch.Tensor]:
-        """Posterior means of z and s, with each cell's covariates, in one encoding pass."""
-        parts = {"z": [], "s": [], "batch": [], "cat": [], "cont": [], "library": []}
+        """Posterior means of z and s, with each cell's covariates, in one encoding pass.
+
+        Written into arrays allocated once for all cells, not concatenated from a list of
+        chunks: small chunk results kept alive between the freed count chunks fragment glibc's
+        heap, and the resident memory grew with the cells (by 1.4 GB at 200,000 cells).
+        """
+        n_cells = adata.n_obs if indices is None else len(indices)
+        means, start = {}, 0
         for tensors in self._make_data_loader(
             adata=adata, indices=indices, batch_size=INFERENCE_BATCH_SIZE
         ):
             inputs, _ = self.module._get_fn_args_from_batch(tensors)
             posterior = self.module.encode(*inputs.encoder_inputs)
-            parts["z"].append(posterior["background"][0])
-            parts["s"].append(posterior["salient"][0])
-            parts["batch"].append(inputs.batch_index)
-            parts["cat"].append(inputs.cat_covs)
-            parts["cont"].append(inputs.cont_covs)
-            parts["library"].append(inputs.x.sum(-1))
-        return {key: torch.cat(values) for key, values in parts.items()}
+            chunk = {
+                "z": posterior["background"][0],
+                "s": posterior["salient"][0],
+                "batch": inputs.batch_index,
+                "cat": inputs.cat_covs,
+                "cont": inputs.cont_covs,
+                "library": inputs.x.sum(-1),
+            }
+            if not means:
+                means = {
+                    key: value.new_empty((n_cells, *value.shape[1:]))
+                    for key, value in chunk.items()
+                }
+            for key, value in chunk.items():
+                means[key][start : start + len(value)] = value
+            start += len(chunk["z"])
+        return means
 
     def _reference_indices(self, adata, reference_indices, n_reference_cells, seed) -> np.ndarray:
         """Return the reference cells: those given, or a sample of controls."""
@@ -152,20 +168,22 @@ class ExpressionMixin:
         rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
         genes = slice(None) if genes is None else np.asarray(genes)
         reference = _proportions(cells.background(reference_indices)).mean(0)
-        chunks = []
+        n_genes = len(reference) if isinstance(genes, slice) else len(genes)
+        # Filled in place, not concatenated from chunks: that would hold the layer twice.
+        layer = np.empty((len(rows), n_genes), dtype=np.float32)
         for start in range(0, len(rows), INFERENCE_BATCH_SIZE):
             chunk = rows[start : start + INFERENCE_BATCH_SIZE]
             removed = dense_counts(_read_rows(cells.counts, chunk)) * reference
             removed /= _proportions(cells.background(chunk))
             totals = removed.sum(1, keepdim=True).clamp(min=torch.finfo(removed.dtype).tiny)
-            chunks.append((removed[:, genes] / totals * library_size).numpy().astype(np.float32))
-        return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+            layer[start : start + len(chunk)] = (removed[:, genes] / totals * library_size).numpy()
+        return layer
 
     @torch.inference_mode()
     def _denoised(self, cells, reference, library_size) -> np.ndarray:
         n_reference = len(reference["z"])
         chunk = max(1, _PAIRS_PER_CHUNK // n_reference)
-        rows = []
+        layer = np.empty((len(cells["s"]), self.summary_stats.n_vars), dtype=np.float32)
         for start in range(0, len(cells["s"]), chunk):
             salient = cells["s"][start : start + chunk]
             n_cells = len(salient)
@@ -177,14 +195,16 @@ class ExpressionMixin:
                 reference["cat"].repeat(n_cells, 1),
                 reference["cont"].repeat(n_cells, 1),
             )
-            rows.append(proportions.reshape(n_cells, n_reference, -1).mean(dim=1))
-        return (torch.cat(rows) * library_size).cpu().numpy().astype(np.float32)
+            mean_proportions = proportions.reshape(n_cells, n_reference, -1).mean(dim=1)
+            layer[start : start + n_cells] = (mean_proportions * library_size).cpu().numpy()
+        return layer
 
     @torch.inference_mode()
     def _effect(self, cells, genes=None) -> np.ndarray:
         """Log fold change of decoding with s against s = 0, in chunks of cells."""
+        n_genes = self.summary_stats.n_vars if genes is None else len(genes)
         genes = slice(None) if genes is None else torch.as_tensor(np.asarray(genes))
-        chunks = []
+        layer = np.empty((len(cells["s"]), n_genes), dtype=np.float32)
         for start in range(0, len(cells["s"]), INFERENCE_BATCH_SIZE):
             part = {
                 key: value[start : start + INFERENCE_BATCH_SIZE] for key, value in cells.items()
@@ -196,8 +216,8 @@ class ExpressionMixin:
             )
             effect = torch.log(with_salient[:, genes] + _LOG_EPS)
             effect -= torch.log(without[:, genes] + _LOG_EPS)
-            chunks.append(effect.cpu().numpy().astype(np.float32))
-        return np.concatenate(chunks)
+            layer[start : start + len(effect)] = effect.cpu().numpy()
+        return layer
 
     @torch.inference_mode()
     def get_denoised_expression(

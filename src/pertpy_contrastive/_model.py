@@ -605,12 +605,17 @@ class ContrastiveVAE(
             return response_latent(salient, probability)
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
-        latents = []
+        n_cells = adata.n_obs if indices is None else len(indices)
+        dimension = self.module.n_salient if kind == "salient" else self.module.n_background
+        # Filled in place: concatenating the minibatches' results fragments the heap, and the
+        # resident memory then grows with the cells (see ``_posterior_means``).
+        latent, start = np.empty((n_cells, dimension), dtype=np.float32), 0
         for tensors in self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size):
             inputs, _ = self.module._get_fn_args_from_batch(tensors)
             loc, scale = self.module.encode(*inputs.encoder_inputs)[kind]
-            latents.append(loc if give_mean else torch.distributions.Normal(loc, scale).sample())
-        latent = torch.cat(latents).cpu().numpy()
+            sample = loc if give_mean else torch.distributions.Normal(loc, scale).sample()
+            latent[start : start + len(sample)] = sample.cpu().numpy()
+            start += len(sample)
         check_finite_latent(latent)
         return latent
 

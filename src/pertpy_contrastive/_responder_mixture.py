@@ -80,8 +80,11 @@ def fit_gene_effects(counts, background, dispersion, weights, effect, steps) -> 
     """
     for _ in range(steps):
         mean = background * effect.exp()
-        score = (weights[:, None] * dispersion * (counts - mean) / (mean + dispersion)).sum(0)
-        information = fisher_information(mean, dispersion, weights)
+        # theta / (mean + theta) is shared by the score and the information; in place, since at
+        # the 20,000 reference controls every cells x genes temporary is 320 MB per 2,000 genes.
+        shrinkage = (mean + dispersion).reciprocal_().mul_(dispersion)
+        score = weights @ (counts - mean).mul_(shrinkage)
+        information = (weights @ mean.mul_(shrinkage)).clamp(min=1e-8)
         effect = (effect + score / information).clamp(-_MAX_ABS_EFFECT, _MAX_ABS_EFFECT)
     return effect
 
@@ -154,8 +157,10 @@ def mean_shift_wald_test(
 
 
 def fisher_information(mean, dispersion, weights) -> torch.Tensor:
-    information = (weights[:, None] * mean * dispersion / (mean + dispersion)).sum(0)
-    return information.clamp(min=1e-8)
+    # One cells x genes temporary: at the 20,000 reference controls, each is 320 MB per 2,000
+    # genes.
+    per_cell = (mean + dispersion).reciprocal_().mul_(mean).mul_(dispersion)
+    return (weights @ per_cell).clamp(min=1e-8)
 
 
 def log_likelihood_ratio(counts, background, dispersion, effect, overdispersion=1.0):
