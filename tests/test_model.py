@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 import pertpy_contrastive as pc
 from pertpy_contrastive import _module
-from pertpy_contrastive._constants import CellGroup
+from pertpy_contrastive._constants import CELL_WEIGHT_KEY, CellGroup
 from pertpy_contrastive._module import _categorical_covariates as covariates
 
 
@@ -44,6 +44,32 @@ def test_history_logs_the_elbo_and_each_penalty_apart(screen):
         np.testing.assert_allclose(terms["loss"], terms["elbo"] + penalties, rtol=1e-5)
     unpenalised = quick_train(pc.ContrastiveVAE(screen, background_mmd_weight=0.0), max_epochs=1)
     assert not {"background_mmd_train", "salient_wasserstein_train"} & set(unpenalised.history)
+
+
+class _StepLosses(Callback):
+    """Records every training step's loss and number of cells, by epoch."""
+
+    def __init__(self):
+        self.steps: dict[int, list[tuple[float, int]]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n_cells = len(batch[CELL_WEIGHT_KEY])
+        loss = float(outputs["loss"])
+        self.steps.setdefault(trainer.current_epoch, []).append((loss, n_cells))
+
+
+def test_history_holds_each_epochs_mean_loss_per_cell(screen):
+    """The logged epoch loss is the cell-weighted mean of its steps' losses."""
+    setup(screen, batch_key="batch")
+    recorder = _StepLosses()
+    model = quick_train(pc.ContrastiveVAE(screen), max_epochs=2, callbacks=[recorder])
+    logged = model.history["loss_train"].to_numpy(dtype=float).ravel()
+    expected = [
+        np.average([loss for loss, _ in steps], weights=[n for _, n in steps])
+        for _, steps in sorted(recorder.steps.items())
+    ]
+    assert len(recorder.steps[0]) > 1
+    np.testing.assert_allclose(logged, expected, rtol=1e-5)
 
 
 def test_training_lowers_the_validation_loss(screen):

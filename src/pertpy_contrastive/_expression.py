@@ -206,9 +206,7 @@ class ExpressionMixin:
         genes = slice(None) if genes is None else torch.as_tensor(np.asarray(genes))
         layer = np.empty((len(cells["s"]), n_genes), dtype=np.float32)
         for start in range(0, len(cells["s"]), INFERENCE_BATCH_SIZE):
-            part = {
-                key: value[start : start + INFERENCE_BATCH_SIZE] for key, value in cells.items()
-            }
+            part = select_cells(cells, slice(start, start + INFERENCE_BATCH_SIZE))
             covariates = (part["batch"], part["cat"], part["cont"])
             with_salient = self.module.expression_proportions(part["z"], part["s"], *covariates)
             without = self.module.expression_proportions(

@@ -241,9 +241,7 @@ class ResponderMixin:
         n_cells = len(means["z"])
         background = torch.empty((n_cells, self.summary_stats.n_vars), dtype=torch.float64)
         for start in range(0, n_cells, INFERENCE_BATCH_SIZE):
-            part = {
-                key: value[start : start + INFERENCE_BATCH_SIZE] for key, value in means.items()
-            }
+            part = select_cells(means, slice(start, start + INFERENCE_BATCH_SIZE))
             proportions = self.module.expression_proportions(
                 part["z"], torch.zeros_like(part["s"]), part["batch"], part["cat"], part["cont"]
             ).cpu()
@@ -383,9 +381,12 @@ def response_latent(salient: np.ndarray, probability: np.ndarray) -> np.ndarray:
     return salient * probability[:, None]
 
 
-def select_cells(posterior_means: dict[str, torch.Tensor], rows) -> dict[str, torch.Tensor]:
-    """Return the posterior means (and covariates) of cells ``rows`` (positions)."""
-    rows = torch.as_tensor(rows)
+def select_cells(
+    posterior_means: dict[str, torch.Tensor], rows: slice | Sequence[int] | np.ndarray
+) -> dict[str, torch.Tensor]:
+    """Return the posterior means (and covariates) of cells ``rows`` (a slice, or positions)."""
+    if not isinstance(rows, slice):
+        rows = torch.as_tensor(rows)
     return {key: value[rows] for key, value in posterior_means.items()}
 
 
