@@ -358,6 +358,24 @@ def test_group_mmd_detects_a_shift_between_controls_and_targets():
     assert _module._group_mmd(torch.cat([controls, targets + 1.0]), only_controls) == 0
 
 
+def test_hsic_detects_dependence_whatever_the_latents_scale():
+    generator = torch.Generator().manual_seed(0)
+    salient = torch.randn(200, 5, generator=generator)
+    background = torch.randn(200, 4, generator=generator)
+    independent = _module._hsic(salient, background)
+    dependent = _module._hsic(salient, salient[:, :4] + 0.5 * background)
+    assert 0 <= independent < dependent / 4
+    # Standardised: shrinking the salient latent cannot lower the penalty.
+    torch.testing.assert_close(_module._hsic(0.01 * salient, background), independent)
+    assert _module._hsic(salient[:1], background[:1]) == 0
+
+
+def test_independence_penalty_is_logged_apart(screen):
+    setup(screen, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen, independence_weight=10.0), max_epochs=2)
+    assert (model.history["salient_background_hsic_train"].to_numpy(dtype=float) > 0).all()
+
+
 def test_background_mmd_enters_the_loss_once_per_step(screen):
     setup(screen, batch_key="batch")
     model = quick_train(pc.ContrastiveVAE(screen), max_epochs=1)

@@ -134,6 +134,13 @@ class ContrastiveVAE(
         Total that the encoders scale each cell's counts to before ``log1p``. Default: the
         median total count of ``adata``, which keeps sequencing depth out of the latents (a
         fixed 1e4, the choice before, taught the salient latent depth on shallow data).
+    independence_weight
+        Experimental, off (0) by default. Weight of a per-step penalty on the dependence (HSIC,
+        on standardised latents) between the perturbed cells' salient and background latents.
+        Guides are assigned at random, so a cell's perturbation effect is independent of its
+        background state; the penalty keeps background (subclone, cell cycle) out of the
+        salient latent, at some cost in program separation (docs/benchmarks.md, "Keeping the
+        background out of the salient latent").
     seed
         Seed of the initial network weights (training has its own seed, see :meth:`train`).
     modality
@@ -169,6 +176,7 @@ class ContrastiveVAE(
         responder_salient_scale: float | None = 0.25,
         salient_effect: Literal["nonlinear", "additive"] = "nonlinear",
         encoder_library_size: float | None = None,
+        independence_weight: float = 0.0,
         seed: int = 0,
         modality: str = "rna",
     ):
@@ -209,6 +217,7 @@ class ContrastiveVAE(
                 # and program separation (docs/benchmarks.md, "Responders").
                 background_from_controls=responder,
                 encoder_library_size=encoder_library_size,
+                independence_weight=independence_weight,
             )
         self._model_summary_string = (
             f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "

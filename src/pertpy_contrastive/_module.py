@@ -33,7 +33,8 @@ posterior is its prior and the escaper branch carries no salient term (see
 ``_branch_log_likelihoods``). A control is decoded without s, so the ELBO pulls its q(s | x) to
 the prior, centred on 0; an opt-in Wasserstein penalty pulls it further, to the point mass at 0.
 A per-step MMD between controls' and perturbed cells' background latents keeps perturbation
-effects out of z; with ``background_from_controls`` (set by the responder model) only controls
+effects out of z; an opt-in HSIC penalty between perturbed cells' s and z keeps background out
+of s; with ``background_from_controls`` (set by the responder model) only controls
 train the background encoder, which keeps them out of each perturbed cell's z.
 """
 
@@ -137,6 +138,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
     encoder_library_size
         Total that each cell's counts are scaled to before the encoders' ``log1p``; the model
         passes the median total count of its data (see ``encode``).
+    independence_weight
+        Weight of the per-step HSIC between the perturbed cells' salient and background
+        latents (off at 0).
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         salient_effect: SalientEffect = "nonlinear",
         background_from_controls: bool = False,
         encoder_library_size: float = LEGACY_ENCODER_LIBRARY_SIZE,
+        independence_weight: float = 0.0,
     ):
         super().__init__()
         if salient_effect not in SALIENT_EFFECTS:
@@ -182,6 +187,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         self.responder_salient_scale = responder_salient_scale
         self.salient_effect = salient_effect
         self.background_from_controls = background_from_controls
+        self.independence_weight = independence_weight
         # A buffer, so that a saved model keeps the value it was trained with.
         self.register_buffer("encoder_library_size", torch.tensor(float(encoder_library_size)))
 
@@ -527,10 +533,21 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         # maximum mean discrepancy penalises it. One value per step: it is not scaled per cell.
         mmd = self.background_mmd_weight * _group_mmd(posterior["background"][0], group)
         pyro.factor("background_mmd", mmd, has_rsample=True)
+        # For the same reason a perturbed cell's effect is independent of its background state:
+        # the opt-in HSIC penalises dependence between perturbed cells' s and z. z is held
+        # fixed, so that the penalty moves s and not z.
+        hsic = mmd.new_zeros(())
+        if self.independence_weight > 0:
+            is_target = group == CellGroup.TARGET
+            hsic = self.independence_weight * _hsic(
+                posterior["salient"][0][is_target], posterior["background"][0][is_target].detach()
+            )
+            pyro.factor("salient_background_hsic", hsic, has_rsample=True)
         # What each penalty in use added to this step's loss, scaled as the ELBO scaled it, so
         # that the training plan can log the ELBO and the penalties apart.
         penalties = {
             "background_mmd": (self.background_mmd_weight, mmd),
+            "salient_background_hsic": (self.independence_weight, hsic),
             "salient_wasserstein": (
                 self.wasserstein_weight,
                 (kl_weight * _scale(cell_weight) * wasserstein).sum(),
@@ -572,20 +589,37 @@ def _group_mmd(latent: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """Squared MMD between the control and the target cells' ``latent`` (0 if either is absent).
 
     Written with group weights over the whole step rather than boolean indexing, so that shapes
-    stay static. A sum of Gaussian kernels whose widths scale with the latent dimension.
+    stay static.
     """
     in_group = [group == CellGroup.BACKGROUND, group == CellGroup.TARGET]
     weights = torch.stack(in_group).to(latent.dtype)
     counts = weights.sum(-1, keepdim=True)
     weights = weights / counts.clamp(min=1.0)
+    moments = weights @ _gaussian_kernel(latent) @ weights.T
+    both_present = (counts > 0).all().to(latent.dtype)
+    return both_present * (moments[0, 0] + moments[1, 1] - 2.0 * moments[0, 1])
+
+
+def _gaussian_kernel(latent: torch.Tensor) -> torch.Tensor:
+    """Return a sum of Gaussian kernels whose widths scale with the latent dimension."""
     squared_distances = torch.cdist(latent, latent).square()
-    kernel = sum(
+    return sum(
         torch.exp(-squared_distances / (2.0 * width * latent.shape[-1]))
         for width in _MMD_KERNEL_WIDTHS
     )
-    moments = weights @ kernel @ weights.T
-    both_present = (counts > 0).all().to(latent.dtype)
-    return both_present * (moments[0, 0] + moments[1, 1] - 2.0 * moments[0, 1])
+
+
+def _hsic(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Biased HSIC estimate between paired samples (0 with fewer than 2 cells)."""
+    n_cells = first.shape[0]
+    if n_cells < 2:
+        return first.new_zeros(())
+    # Standardised, so that shrinking a latent cannot lower the statistic.
+    first = (first - first.mean(0)) / first.std(0).clamp(min=1e-4)
+    second = (second - second.mean(0)) / second.std(0).clamp(min=1e-4)
+    centring = torch.eye(n_cells, dtype=first.dtype, device=first.device) - 1.0 / n_cells
+    first_centred = centring @ _gaussian_kernel(first) @ centring
+    return (first_centred * _gaussian_kernel(second)).sum() / (n_cells - 1) ** 2
 
 
 def _scale(cell_weight):
