@@ -9,6 +9,7 @@ significant distance, DE gene and responder on a pseudo-target is a false positi
 targets' held-out tests show what power is left. Reported per check: the observed rate
 against its nominal level (mean over check seeds) and, for p-values, a Kolmogorov-Smirnov test
 of uniformity of the pooled p-values. The QQ plot of the last seed is written beside the page.
+``--model`` and ``--train`` pass JSON of further ContrastiveVAE and ``train`` arguments.
 
 Run by hand (about 10 minutes per check seed on 2 cores):
 
@@ -47,6 +48,7 @@ def main():
         default=0.75,
         help="Held-out share is 1 - train size: the cells of the held-out distance test.",
     )
+    parser.add_argument("--model", default="{}", help="JSON of ContrastiveVAE arguments")
     parser.add_argument(
         "--train", default="{}", help="JSON of further ContrastiveVAE.train arguments"
     )
@@ -69,6 +71,7 @@ def main():
             guide_key="guide",
             control=CONTROL,
             batch_key="replicate",
+            model_kwargs=json.loads(args.model),
             train_kwargs={"train_size": args.train_size, **json.loads(args.train)},
             seed=seed,
         )
@@ -130,6 +133,7 @@ def main():
     command = (
         "`.venv/bin/python benchmarks/papalexi_calibration.py --check-seeds "
         f"{' '.join(map(str, args.check_seeds))} --train-size {args.train_size} "
+        + (f"--model '{args.model}' " if json.loads(args.model) else "")
         + (f"--train '{args.train}' " if json.loads(args.train) else "")
         + f"--output {args.output}`"
     )
@@ -137,6 +141,7 @@ def main():
         f"Bundled Papalexi 2021 THP-1 subset, {rna.n_obs} labelled cells × {rna.n_vars} genes; "
         f"pseudo-targets: {'; '.join(pseudo)}. Default ContrastiveVAE, early stopping, "
         f"train_size={args.train_size}"
+        + (f", model arguments {args.model}" if json.loads(args.model) else "")
         + (f", further train arguments {args.train}" if json.loads(args.train) else "")
         + "; "
         f"DistanceTest with 1,000 permutations. {torch.get_num_threads()} torch threads, CPU "
