@@ -17,6 +17,7 @@ Run by hand (about 12 minutes on 2 cores):  make benchmark  (or: .venv/bin/pytho
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import threading
@@ -150,6 +151,7 @@ def fit_contrastive_vae(adata, seed, epochs, model_kwargs=None, train_kwargs=Non
 def vae_kwargs(args) -> tuple[dict, dict]:
     """ContrastiveVAE's constructor and ``train`` arguments from the benchmark's options."""
     model_kwargs = {"n_salient": args.n_salient, "n_background": args.n_background}
+    model_kwargs.update(json.loads(args.model))
     train_kwargs = {"n_epochs_kl_warmup": args.n_epochs_kl_warmup}
     if args.lr is not None:
         train_kwargs["lr"] = args.lr
@@ -170,6 +172,7 @@ def add_vae_arguments(parser) -> None:
         default=0,
         help="ContrastiveVAE.train's n_epochs_responder_refinement (after --epochs)",
     )
+    parser.add_argument("--model", default="{}", help="JSON of further ContrastiveVAE arguments")
 
 
 def vae_options(args) -> str:
@@ -178,7 +181,19 @@ def vae_options(args) -> str:
     options += f" --lr {args.lr}" if args.lr is not None else ""
     if args.responder_refinement:
         options += f" --responder-refinement {args.responder_refinement}"
+    if json.loads(args.model):
+        options += f" --model '{args.model}'"
     return options
+
+
+def milliseconds(function, repeats: int, warmup: int = 5) -> float:
+    """Mean milliseconds of one call of ``function`` over ``repeats`` calls, after a warm-up."""
+    for _ in range(warmup):
+        function()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return (time.perf_counter() - start) / repeats * 1000
 
 
 def write_results(path, title, command, header, lines) -> None:

@@ -36,7 +36,7 @@ import lightning.pytorch as pl
 import numpy as np
 import scvi
 import torch
-from benchmark_core import CONTROL, large_screen, write_results
+from benchmark_core import CONTROL, large_screen, milliseconds, write_results
 from torch.profiler import ProfilerActivity, profile
 
 import pertpy_contrastive as pc
@@ -143,20 +143,15 @@ def sparse_probe_lines(n_genes, densities=(0.05, 0.1, 0.2, 0.5), repeats=50) -> 
         "|---|---|---|---|",
     ]
 
-    def milliseconds(function):
-        for _ in range(5):
-            function()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            function()
-        return (time.perf_counter() - start) / repeats * 1000
-
     for density in densities:
         mask = torch.rand(256, n_genes, generator=generator) < density
         dense = torch.rand(256, n_genes, generator=generator) * mask
         sparse = dense.to_sparse_csr()
-        times = [milliseconds(lambda x=x: (x @ weight.T).sum().backward()) for x in (dense, sparse)]
-        times.append(milliseconds(lambda x=dense: x.to_sparse_csr()))
+        times = [
+            milliseconds(lambda x=x: (x @ weight.T).sum().backward(), repeats)
+            for x in (dense, sparse)
+        ]
+        times.append(milliseconds(lambda x=dense: x.to_sparse_csr(), repeats))
         lines.append(f"| {density} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
     return lines
 

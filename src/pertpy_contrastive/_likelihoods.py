@@ -7,7 +7,7 @@ of a training step) on n_cells x n_genes values instead of n_genes. Pyro's logit
 also adds two ``logsigmoid`` passes. And both evaluate ``lgamma(x + theta)`` at every count,
 although for a zero it cancels against ``lgamma(theta)``: ``log NB(0) = theta log(theta / (theta +
 mu))``. Here the ``lgamma`` terms are tabulated per gene and gathered at each count (see
-``NegativeBinomial._count_terms``), and summed per cell, so a distribution's event is one cell's
+``_TabulatedCountTerms``), and summed per cell, so a distribution's event is one cell's
 genes and ``log_prob`` returns one value per cell. The formulas are scvi-tools'
 ``log_nb_positive`` / ``log_zinb_positive``; the sampler is the usual gamma-Poisson mixture.
 """
@@ -61,13 +61,9 @@ class NegativeBinomial(dist.TorchDistribution):
     def _count_terms(self, value: torch.Tensor) -> torch.Tensor:
         """Per cell, the sum over genes of ``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``.
 
-        Counts are integers, and ``lgamma(k + theta) - lgamma(theta)`` is the sum of
-        ``log(theta + j)`` for j < k. So the term is tabulated per gene for k = 0 .. ``cap``, as
-        a cumulative sum of logs, and gathered at each count: no ``lgamma`` on the counts, and no
-        ``digamma`` (on a CPU the most expensive kernel of a training step) in the backward
-        pass. Row 0 is 0, so a zero count costs one gather. The cap is the largest count of
-        most genes (``_TABULATED_GENES``); the few genes with larger counts are evaluated
-        directly.
+        Tabulated per gene (``_TabulatedCountTerms``) up to a cap, the largest count of most
+        genes (``_TABULATED_GENES``). The few counts above it are evaluated directly, one by one
+        rather than as whole columns: even a heavy gene has most of its counts below the cap.
         """
         n_genes = value.shape[-1]
         counts = value.reshape(-1, n_genes)
@@ -79,17 +75,18 @@ class NegativeBinomial(dist.TorchDistribution):
         gene_max = counts.amax(0)
         rank = max(1, math.ceil(_TABULATED_GENES * n_genes))
         cap = max(1, int(gene_max.kthvalue(rank).values))
-        rows = torch.arange(cap + 1, dtype=counts.dtype, device=counts.device).unsqueeze(-1)
-        # Summed in double precision: a row adds up to ``cap`` terms.
-        log_rising = torch.log(rows[:-1] + theta).cumsum(0, dtype=torch.float64)
-        table = torch.cat([log_rising.new_zeros(1, n_genes), log_rising]).to(counts.dtype)
-        table = table - torch.lgamma(rows + 1)
-        tabulated = table.gather(0, counts.clamp(max=cap).long())
-        per_cell = tabulated.sum(-1)
+        per_cell = _TabulatedCountTerms.apply(counts.long().clamp_(max=cap), theta, cap)
         (heavy,) = (gene_max > cap).nonzero(as_tuple=True)
         if len(heavy):
-            direct = _direct_count_terms(counts[:, heavy], theta[heavy])
-            per_cell = per_cell + direct.sum(-1) - tabulated[:, heavy].sum(-1)
+            # Above the cap: the direct terms, less the capped entry the table gave.
+            heavy_counts = counts.index_select(1, heavy)
+            over = heavy_counts > cap
+            rows, columns = over.nonzero(as_tuple=True)
+            excess_counts = heavy_counts[rows, columns]
+            heavy_theta = theta[heavy][columns]
+            direct = _direct_count_terms(excess_counts, heavy_theta)
+            capped = _direct_count_terms(excess_counts.new_full((), cap), heavy_theta)
+            per_cell = per_cell.index_add(0, rows, direct - capped)
         return per_cell.reshape(value.shape[:-1])
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -140,6 +137,42 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         return type(self)(self.mu.expand(shape), self.theta, self.gate_logits.expand(shape))
 
 
+class _TabulatedCountTerms(torch.autograd.Function):
+    """Per cell, ``sum_g lgamma(x + theta_g) - lgamma(theta_g) - lgamma(x + 1)`` for x <= ``cap``.
+
+    Counts are integers, and ``lgamma(k + theta) - lgamma(theta)`` is the sum of ``log(theta + j)``
+    for j < k. So the term is tabulated per gene for k = 0 .. ``cap`` as a cumulative sum of logs,
+    and gathered at each count: no ``lgamma`` on the counts. Its derivative in theta, the sum of
+    ``1 / (theta + j)``, is tabulated the same way and gathered in the backward pass, so no
+    ``digamma`` (on a CPU the most expensive kernel of a training step) either. Autograd of the
+    gather would scatter-add into the table instead, a slower pass over the cells x genes values.
+    Row 0 of both tables is 0, so a zero count costs one gather.
+    """
+
+    @staticmethod
+    def forward(ctx, count_index, theta, cap):
+        rising = torch.arange(cap, dtype=theta.dtype, device=theta.device).unsqueeze(-1) + theta
+        ctx.save_for_backward(count_index, rising)
+        ranks = torch.arange(cap + 1, dtype=theta.dtype, device=theta.device).unsqueeze(-1)
+        table = _cumulative_table(torch.log(rising)) - torch.lgamma(ranks + 1)
+        return table.gather(0, count_index).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_cells):
+        count_index, rising = ctx.saved_tensors
+        derivative = _cumulative_table(rising.reciprocal()).gather(0, count_index)
+        return None, grad_cells @ derivative, None
+
+
+def _cumulative_table(terms: torch.Tensor) -> torch.Tensor:
+    """Row k holds the sum of the first k rows of ``terms``; row 0 is 0.
+
+    Summed in double precision: a row adds up to ``cap`` terms.
+    """
+    cumulative = terms.cumsum(0, dtype=torch.float64).to(terms.dtype)
+    return torch.cat([cumulative.new_zeros(1, terms.shape[-1]), cumulative])
+
+
 def _direct_count_terms(counts: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return torch.lgamma(counts + theta) - torch.lgamma(theta) - torch.lgamma(counts + 1)
 
@@ -148,15 +181,15 @@ class _DenseLogLikelihood(torch.autograd.Function):
     """Per cell, the (ZI)NB log-likelihood summed over genes, without the ``lgamma`` terms.
 
     With ``A = log(theta + mu)``, ``log NB(0) = theta (log theta - A)`` and the count term
-    ``x (log mu - A)``. With a gate, ``shifted = log NB(0) - gate_logits``, and per gene
+    ``x (log mu - A)``. With a gate, ``gate_over_nb = gate_logits - log NB(0)``, and per gene
 
-        log p = logsigmoid(gate_logits) + x (log mu - A) + shifted + [x = 0] softplus(-shifted),
+        log p = x (log mu - A) + log NB(0) - softplus(gate_logits) + [x = 0] softplus(gate_over_nb),
 
     which is ``log(gate + (1 - gate) NB(0))`` at a zero and ``log(1 - gate) + log NB(x)`` (less
     the ``lgamma`` terms) elsewhere. The gradients are written out in closed form: autograd of
     the same expression makes about three times as many passes over the cells x genes values,
     and on a CPU those passes, not the arithmetic, are the cost of a training step. The
-    ``lgamma`` terms stay with autograd (``NegativeBinomial._count_terms``).
+    ``lgamma`` terms have their own function (``_TabulatedCountTerms``).
     """
 
     @staticmethod
@@ -169,36 +202,40 @@ class _DenseLogLikelihood(torch.autograd.Function):
         if gate_logits is None:
             ctx.save_for_backward(counts, mu, theta, log_theta_mu)
             return log_prob.sum(-1)
-        shifted = log_zero_term.sub_(gate_logits)
-        is_zero = (counts == 0).to(shifted.dtype)
-        log_prob.sub_(gate_logits).sub_(F.softplus(-gate_logits))
-        log_prob.add_(F.softplus(-shifted).mul_(is_zero))
-        ctx.save_for_backward(counts, mu, theta, log_theta_mu, gate_logits, shifted, is_zero)
+        gate_over_nb = log_zero_term.neg_().add_(gate_logits)
+        # 1 at a zero count, else 0 (counts are non-negative integers); a comparison would make
+        # a bool tensor, whose kernels are slower here than two arithmetic passes.
+        is_zero = counts.clamp(max=1.0).sub_(1.0).neg_()
+        log_prob.sub_(F.softplus(gate_logits))
+        log_prob.add_(F.softplus(gate_over_nb).mul_(is_zero))
+        ctx.save_for_backward(counts, mu, theta, log_theta_mu, gate_logits, gate_over_nb, is_zero)
         return log_prob.sum(-1)
 
     @staticmethod
     def backward(ctx, grad_output):
         counts, mu, theta, log_theta_mu, *gate = ctx.saved_tensors
         grad = grad_output.unsqueeze(-1)
-        # d log p / d log NB(0): 1 at a nonzero count; at a zero, the posterior probability
-        # that the zero came from the NB rather than from the gate.
+        # The share of log NB(0) in d log p: 1 at a nonzero count; at a zero, the posterior
+        # probability that the zero came from the NB rather than from the gate, 1 - gate_share.
         if gate:
-            gate_logits, shifted, is_zero = gate
-            nb_weight = torch.sigmoid(-shifted).mul_(is_zero).neg_().add_(1.0)
-            nb_theta = nb_weight * theta
+            gate_logits, gate_over_nb, is_zero = gate
+            gate_share = torch.sigmoid(gate_over_nb).mul_(is_zero)
+            # (x + theta (1 - gate_share)) / (theta + mu): the mean's pull on the denominator.
+            pulled_by_mean = torch.mul(gate_share, -theta).add_(theta).add_(counts)
         else:
-            nb_weight, nb_theta = 1.0, theta
-        # (w theta + x) / (theta + mu): what the mean's share of the denominator pulls away.
-        pulled_by_mean = (theta + mu).add_(_EPS).reciprocal_().mul_(nb_theta + counts)
+            pulled_by_mean = counts + theta
+        pulled_by_mean.div_((theta + mu).add_(_EPS))
         grad_mu = grad_theta = grad_gate = None
         if ctx.needs_input_grad[1]:
             grad_mu = (mu + _EPS).reciprocal_().mul_(counts).sub_(pulled_by_mean).mul_(grad)
         if ctx.needs_input_grad[2]:
             log_ratio = torch.sub(torch.log(theta + _EPS) + theta / (theta + _EPS), log_theta_mu)
-            grad_theta = log_ratio.mul_(nb_weight).sub_(pulled_by_mean).mul_(grad)
+            if gate:
+                log_ratio.addcmul_(log_ratio, gate_share, value=-1.0)
+            grad_theta = log_ratio.sub_(pulled_by_mean).mul_(grad)
             grad_theta = grad_theta.sum_to_size(theta.shape)
         if gate and ctx.needs_input_grad[3]:
-            grad_gate = torch.sigmoid(-gate_logits).sub_(nb_weight).mul_(grad)
+            grad_gate = torch.sigmoid(gate_logits).sub_(gate_share).mul_(-grad)
         return None, grad_mu, grad_theta, grad_gate
 
 

@@ -520,11 +520,12 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 # Opt-in: the squared 2-Wasserstein distance ||mu||^2 + sum(sigma^2) from a
                 # control's q(s | x) to the point mass at 0. A guide factor adds to log q, so a
                 # positive value raises the loss.
-                salient_loc, salient_scale = posterior["salient"]
-                distance = (salient_loc.square() + salient_scale.square()).sum(-1)
-                is_background = (group == CellGroup.BACKGROUND).to(distance.dtype)
-                wasserstein = self.wasserstein_weight * distance * is_background
-                pyro.factor("background_salient_wasserstein", wasserstein, has_rsample=True)
+                if self.wasserstein_weight > 0:
+                    salient_loc, salient_scale = posterior["salient"]
+                    distance = (salient_loc.square() + salient_scale.square()).sum(-1)
+                    is_background = (group == CellGroup.BACKGROUND).to(distance.dtype)
+                    wasserstein = self.wasserstein_weight * distance * is_background
+                    pyro.factor("background_salient_wasserstein", wasserstein, has_rsample=True)
             if not self.use_observed_library:
                 pyro.sample("log_library", dist.Normal(*posterior["log_library"]).to_event(1))
         # Guides are assigned at random, so perturbed cells' background states follow the
@@ -536,7 +537,6 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         # For the same reason a perturbed cell's effect is independent of its background state:
         # the opt-in HSIC penalises dependence between perturbed cells' s and z. z is held
         # fixed, so that the penalty moves s and not z.
-        hsic = mmd.new_zeros(())
         if self.independence_weight > 0:
             is_target = group == CellGroup.TARGET
             hsic = self.independence_weight * _hsic(
@@ -545,17 +545,14 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             pyro.factor("salient_background_hsic", hsic, has_rsample=True)
         # What each penalty in use added to this step's loss, scaled as the ELBO scaled it, so
         # that the training plan can log the ELBO and the penalties apart.
-        penalties = {
-            "background_mmd": (self.background_mmd_weight, mmd),
-            "salient_background_hsic": (self.independence_weight, hsic),
-            "salient_wasserstein": (
-                self.wasserstein_weight,
-                (kl_weight * _scale(cell_weight) * wasserstein).sum(),
-            ),
-        }
-        self.last_penalties = {
-            name: value.detach() for name, (weight, value) in penalties.items() if weight > 0
-        }
+        penalties = {}
+        if self.background_mmd_weight > 0:
+            penalties["background_mmd"] = mmd
+        if self.independence_weight > 0:
+            penalties["salient_background_hsic"] = hsic
+        if self.wasserstein_weight > 0:
+            penalties["salient_wasserstein"] = (kl_weight * _scale(cell_weight) * wasserstein).sum()
+        self.last_penalties = {name: value.detach() for name, value in penalties.items()}
 
     def encode(self, x, group, batch_index, cat_covs, cont_covs) -> dict[str, tuple]:
         """Posterior ``(loc, scale)`` of each latent from counts and covariates."""
@@ -563,8 +560,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         # count is about log(x) + log(1e4 / l), so at low depth every expressed gene carries
         # -log l, and the salient latent learnt depth (log-library R^2 0.13 against 0.02 at the
         # median, Papalexi data, docs/benchmarks.md).
-        normalised = x / x.sum(-1, keepdim=True).clamp(min=1.0) * self.encoder_library_size
-        encoder_input = torch.cat([torch.log1p(normalised), cont_covs], dim=-1)
+        depth_scale = self.encoder_library_size / x.sum(-1, keepdim=True).clamp(min=1.0)
+        encoder_input = _with_continuous((x * depth_scale).log1p_(), cont_covs)
         covariates = _categorical_covariates(batch_index, cat_covs)
         salient_covariates = covariates
         if self.salient_encoder_sees_group:
@@ -575,9 +572,16 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         }
         if not self.use_observed_library:
             # The library encoder must see depth, so it reads unnormalised log counts.
-            library_input = torch.cat([torch.log1p(x), cont_covs], dim=-1)
+            library_input = _with_continuous(torch.log1p(x), cont_covs)
             posterior["log_library"] = _loc_scale(self.library_encoder, library_input, covariates)
         return posterior
+
+
+def _with_continuous(values: torch.Tensor, cont_covs: torch.Tensor) -> torch.Tensor:
+    """``values`` with the continuous covariates as extra columns; no copy when there are none."""
+    if cont_covs.shape[-1] == 0:
+        return values
+    return torch.cat([values, cont_covs], dim=-1)
 
 
 def _categorical_covariates(batch_index, cat_covs) -> tuple[torch.Tensor, ...]:
