@@ -76,13 +76,13 @@ def counts_only(rna) -> AnnData:
     return AnnData(X=rna.X[labelled].copy(), obs=obs, var=rna.var[[]].copy())
 
 
-def train_contrastive_vae(seed, epochs, train_kwargs):
+def train_contrastive_vae(seed, epochs, train_kwargs, model_kwargs):
     """Train ContrastiveVAE on a fresh copy of the data; return the RNA AnnData with outputs."""
     mdata = load_papalexi()
     pc.ContrastiveVAE.setup_anndata(
         mdata, perturbation_key="perturbation", control=CONTROL, batch_key=BATCH
     )
-    model = pc.ContrastiveVAE(mdata, seed=seed)
+    model = pc.ContrastiveVAE(mdata, seed=seed, **model_kwargs)
     start = time.perf_counter()
     model.train(max_epochs=epochs, seed=seed, enable_progress_bar=False, **train_kwargs)
     seconds = time.perf_counter() - start
@@ -174,6 +174,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=200, help="maximum epochs of both VAEs")
     parser.add_argument("--model-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train", default="{}", help="JSON of ContrastiveVAE.train arguments")
+    parser.add_argument("--model", default="{}", help="JSON of ContrastiveVAE arguments")
     parser.add_argument(
         "--output", type=Path, default=Path("docs/benchmark_papalexi_responders.md")
     )
@@ -213,7 +214,7 @@ def main():
     ko_calls, fractions, epochs_trained, seconds = [], [], [], []
     for seed in args.model_seeds:
         rna, n_epochs, train_seconds = train_contrastive_vae(
-            seed, args.epochs, json.loads(args.train)
+            seed, args.epochs, json.loads(args.train), json.loads(args.model)
         )
         epochs_trained.append(n_epochs)
         seconds.append(train_seconds)
@@ -388,15 +389,22 @@ def main():
         f"`.venv/bin/python benchmarks/papalexi_responders.py --epochs {args.epochs} "
         f"--model-seeds {seeds}"
         + (f" --train '{args.train}'" if json.loads(args.train) else "")
+        + (f" --model '{args.model}'" if json.loads(args.model) else "")
         + f" --output {args.output}`"
     )
     rna_all = load_papalexi()["rna"]
+    overrides = {**json.loads(args.model), **json.loads(args.train)}
+    settings = "default settings" + (
+        " except " + ", ".join(f"{key}={value}" for key, value in overrides.items())
+        if overrides
+        else ""
+    )
     header = (
         f"Bundled Papalexi 2021 THP-1 subset: {rna_all.n_obs} cells × {rna_all.n_vars} genes, "
         f"{data.n_obs} with a single-target guide label ({int(is_control.sum())} non-targeting "
         f"controls, {int(perturbed.sum())} perturbed cells of {len(targets)} targets), "
         f"{rna_all.n_obs - data.n_obs} without a label (not scored), "
-        f"{len(set(replicate))} replicates. ContrastiveVAE: default settings, at most "
+        f"{len(set(replicate))} replicates. ContrastiveVAE: {settings}, at most "
         f"{args.epochs} epochs with early stopping (epochs trained per seed: "
         f"{', '.join(map(str, epochs_trained))}; training seconds: "
         f"{', '.join(f'{s:.0f}' for s in seconds)}), KO = responder probability > 0.5; model "
