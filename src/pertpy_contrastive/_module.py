@@ -513,6 +513,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             # controls' encoder reads in it, so no gradient can teach z to explain an effect.
             is_control = (group == CellGroup.BACKGROUND).unsqueeze(-1)
             background = tuple(torch.where(is_control, v, v.detach()) for v in background)
+        # What each penalty in use adds to this step's loss, scaled as the ELBO scales it, so
+        # that the training plan can log the ELBO and the penalties apart.
+        penalties = {}
         with pyro.plate("cells", n_cells), poutine.scale(scale=_scale(cell_weight)):
             with poutine.scale(scale=kl_weight):
                 pyro.sample("background", dist.Normal(*background).to_event(1))
@@ -526,6 +529,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                     is_background = (group == CellGroup.BACKGROUND).to(distance.dtype)
                     wasserstein = self.wasserstein_weight * distance * is_background
                     pyro.factor("background_salient_wasserstein", wasserstein, has_rsample=True)
+                    scaled = kl_weight * _scale(cell_weight) * wasserstein
+                    penalties["salient_wasserstein"] = scaled.sum()
             if not self.use_observed_library:
                 pyro.sample("log_library", dist.Normal(*posterior["log_library"]).to_event(1))
         # Guides are assigned at random, so perturbed cells' background states follow the
@@ -534,6 +539,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         # maximum mean discrepancy penalises it. One value per step: it is not scaled per cell.
         mmd = self.background_mmd_weight * _group_mmd(posterior["background"][0], group)
         pyro.factor("background_mmd", mmd, has_rsample=True)
+        if self.background_mmd_weight > 0:
+            penalties["background_mmd"] = mmd
         # For the same reason a perturbed cell's effect is independent of its background state:
         # the opt-in HSIC penalises dependence between perturbed cells' s and z. z is held
         # fixed, so that the penalty moves s and not z.
@@ -543,15 +550,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 posterior["salient"][0][is_target], posterior["background"][0][is_target].detach()
             )
             pyro.factor("salient_background_hsic", hsic, has_rsample=True)
-        # What each penalty in use added to this step's loss, scaled as the ELBO scaled it, so
-        # that the training plan can log the ELBO and the penalties apart.
-        penalties = {}
-        if self.background_mmd_weight > 0:
-            penalties["background_mmd"] = mmd
-        if self.independence_weight > 0:
             penalties["salient_background_hsic"] = hsic
-        if self.wasserstein_weight > 0:
-            penalties["salient_wasserstein"] = (kl_weight * _scale(cell_weight) * wasserstein).sum()
         self.last_penalties = {name: value.detach() for name, value in penalties.items()}
 
     def encode(self, x, group, batch_index, cat_covs, cont_covs) -> dict[str, tuple]:
