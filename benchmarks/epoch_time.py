@@ -13,6 +13,11 @@ epoch of ContrastiveVAE (its self time, summed over calls). ``--sparse-probe`` t
 encoders' first layer (a step's 256 cells x genes, times 128 hidden units, forward and backward)
 as a dense product and as torch's sparse CSR x dense product, at several densities.
 
+Each epoch also records the process's minor page faults and system CPU seconds
+(``getrusage``): at 100,000 cells the allocator returned and re-faulted the large cells x genes
+temporaries at every step. The page header names any ``MALLOC_*`` variable set for the run, so
+that runs with and without glibc's tuning variables can be compared.
+
 The table also gives training throughput, cells per second (the training cells of an epoch
 divided by its seconds), so that runs at several sizes show whether the cost grows linearly in
 cells. ``--simulate-at-most N`` simulates N cells and repeats that screen's cells to reach a
@@ -26,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
+import resource
 import statistics
 import time
 import warnings
@@ -47,16 +54,26 @@ TRAIN_SIZE = 0.9
 
 
 class EpochTimer(pl.Callback):
-    """Records the wall time of every training epoch, validation included."""
+    """Records wall time, minor page faults and system CPU time of every training epoch."""
 
     def __init__(self):
-        self.seconds: list[float] = []
+        self.costs: dict[str, list[float]] = {"seconds": [], "minor_faults": [], "system": []}
+
+    @staticmethod
+    def _now() -> dict[str, float]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "seconds": time.perf_counter(),
+            "minor_faults": usage.ru_minflt,
+            "system": usage.ru_stime,
+        }
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._start = time.perf_counter()
+        self._start = self._now()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.seconds.append(time.perf_counter() - self._start)
+        for name, value in self._now().items():
+            self.costs[name].append(value - self._start[name])
 
 
 def train_contrastive_vae(adata, n_epochs, callbacks):
@@ -93,10 +110,14 @@ def train_contrastive_vi(adata, n_epochs, callbacks):
 METHODS = {"ContrastiveVAE": train_contrastive_vae, "ContrastiveVI": train_contrastive_vi}
 
 
-def median_epoch_seconds(train, adata, args) -> float:
+def median_epoch_costs(train, adata, args) -> dict[str, float]:
+    """Median over the timed epochs of each of ``EpochTimer``'s costs."""
     timer = EpochTimer()
     train(adata, args.warmup_epochs + args.epochs, [timer])
-    return statistics.median(timer.seconds[args.warmup_epochs :])
+    return {
+        name: statistics.median(values[args.warmup_epochs :])
+        for name, values in timer.costs.items()
+    }
 
 
 class ProfileOneEpoch(pl.Callback):
@@ -176,26 +197,38 @@ def main():
 
     lines = [
         "| cells | ContrastiveVAE s / epoch | ContrastiveVI s / epoch | ratio per repeat | "
-        "median ratio | ContrastiveVAE cells / s | ContrastiveVI cells / s |",
-        "|---|---|---|---|---|---|---|",
+        "median ratio | ContrastiveVAE cells / s | ContrastiveVI cells / s | "
+        "minor page faults / epoch, ContrastiveVAE / ContrastiveVI | "
+        "system CPU s / epoch, ContrastiveVAE / ContrastiveVI |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     profiles = []
     for n_cells in args.cells:
         adata = large_screen(n_cells, args.genes, args.seed, args.simulate_at_most)
-        seconds = {name: [] for name in METHODS}
+        costs = {name: [] for name in METHODS}
         for _ in range(args.repeats):
             for name, train in METHODS.items():
-                seconds[name].append(median_epoch_seconds(train, adata, args))
-                print(n_cells, name, seconds[name][-1], flush=True)
-        ratios = [ours / theirs for ours, theirs in zip(*seconds.values(), strict=True)]
+                costs[name].append(median_epoch_costs(train, adata, args))
+                print(n_cells, name, costs[name][-1], flush=True)
+        median = {
+            name: {cost: statistics.median(run[cost] for run in runs) for cost in runs[0]}
+            for name, runs in costs.items()
+        }
+        ratios = [
+            ours["seconds"] / theirs["seconds"]
+            for ours, theirs in zip(*costs.values(), strict=True)
+        ]
         lines.append(
-            f"| {n_cells} | {statistics.median(seconds['ContrastiveVAE']):.2f} | "
-            f"{statistics.median(seconds['ContrastiveVI']):.2f} | "
+            f"| {n_cells} | {median['ContrastiveVAE']['seconds']:.2f} | "
+            f"{median['ContrastiveVI']['seconds']:.2f} | "
             f"{', '.join(f'{r:.2f}' for r in ratios)} | **{statistics.median(ratios):.2f}** | "
             + " | ".join(
-                f"{TRAIN_SIZE * n_cells / statistics.median(seconds[name]):,.0f}"
-                for name in METHODS
+                f"{TRAIN_SIZE * n_cells / median[name]['seconds']:,.0f}" for name in METHODS
             )
+            + " | "
+            + " / ".join(f"{median[name]['minor_faults']:,.0f}" for name in METHODS)
+            + " | "
+            + " / ".join(f"{median[name]['system']:.2f}" for name in METHODS)
             + " |"
         )
         if args.profile:
@@ -210,7 +243,12 @@ def main():
         f"warm-up epoch(s), then the median of {args.epochs} timed epochs, {args.repeats} "
         f"alternating runs per method; {torch.get_num_threads()} torch threads, "
         f"{platform.processor() or platform.machine()}, CPU only. Cells per second: 90% of "
-        "the cells (the training split) over the median seconds per epoch."
+        "the cells (the training split) over the median seconds per epoch. Page faults and "
+        "system time: medians over the timed epochs, whole process."
+    )
+    allocator = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
+    header += " Allocator variables: " + (
+        ", ".join(f"`{k}={v}`" for k, v in allocator.items()) if allocator else "none set."
     )
     if args.simulate_at_most:
         header += (
@@ -218,7 +256,8 @@ def main():
             f"{args.simulate_at_most:,}-cell simulated screen."
         )
     command = (
-        f"`.venv/bin/python benchmarks/epoch_time.py --cells {' '.join(map(str, args.cells))} "
+        f"`{''.join(f'{k}={v} ' for k, v in allocator.items())}"
+        f".venv/bin/python benchmarks/epoch_time.py --cells {' '.join(map(str, args.cells))} "
         f"--genes {args.genes} --epochs {args.epochs} --warmup-epochs {args.warmup_epochs} "
         f"--repeats {args.repeats} --seed {args.seed}{' --profile' if args.profile else ''}"
         f"{' --sparse-probe' if args.sparse_probe else ''}"

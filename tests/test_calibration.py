@@ -57,6 +57,15 @@ def test_calibration_check_reports_each_check_and_leaves_data_alone(
     held_out = check.p_values[check.p_values["test"] == "distance_test, held-out cells"]
     assert set(held_out["pseudo_target"]) <= set(distance["pseudo_target"])
     assert held_out["p_value"].between(0, 1).all()
+    # A batch key adds both salient tests with the labels permuted within batches.
+    for test, unstratified in (
+        ("DistanceTest, salient latent, within batches", distance),
+        ("distance_test, held-out cells, within batches", held_out),
+    ):
+        within = check.p_values[check.p_values["test"] == test]
+        assert list(within["pseudo_target"]) == list(unstratified["pseudo_target"])
+        assert within["p_value"].between(0, 1).all()
+    assert check.targets["pvalue_within_batches"].between(0, 1).all()
     de = check.p_values[check.p_values["test"] == "differential_expression"]
     assert len(de) == 3 * adata.n_vars and de["p_value"].between(0, 1).all()
     assert (
@@ -76,7 +85,7 @@ def test_null_pseudo_targets_hold_their_levels(check):
 def test_qq_plot_returns_a_figure(check, tmp_path):
     figure = check.plot_qq(return_fig=True, save=tmp_path / "qq.png")
     assert (tmp_path / "qq.png").stat().st_size > 0
-    assert len(figure.axes[0].lines) == 5  # four tests and the diagonal
+    assert len(figure.axes[0].lines) == 7  # six tests and the diagonal
 
 
 def test_calibration_check_needs_a_control_guide_left(screen_with_control_guides):

@@ -110,9 +110,12 @@ def test_same_seed_same_latents(screen):
     assert not np.allclose(first, third)
 
 
-def test_save_load_round_trip_is_exact(screen, tmp_path):
+@pytest.mark.parametrize(
+    "model_kwargs", [{"likelihood": "nb", "responder": True}, {"salient_cross_fitting": True}]
+)
+def test_save_load_round_trip_is_exact(screen, tmp_path, model_kwargs):
     setup(screen, batch_key="batch", continuous_covariate_keys=["stress"])
-    model = quick_train(pc.ContrastiveVAE(screen, likelihood="nb", responder=True))
+    model = quick_train(pc.ContrastiveVAE(screen, **model_kwargs))
     model.save(tmp_path / "model", save_anndata=True)
     for loaded in (
         pc.ContrastiveVAE.load(tmp_path / "model", adata=screen),
@@ -417,6 +420,40 @@ def test_responder_model_trains_the_background_encoder_on_controls_only(screen):
     assert background_encoder_gradient(True, targets_only) == 0
     assert background_encoder_gradient(False, targets_only) > 0
     assert background_encoder_gradient(True, [CellGroup.TARGET, CellGroup.BACKGROUND]) > 0
+
+
+def test_cross_fitted_salient_encoders_never_read_the_cells_they_train_on(screen):
+    setup(screen)
+    model = pc.ContrastiveVAE(screen, n_hidden=16, salient_cross_fitting=True)
+    module = model.module
+    encoders = (module.salient_encoder, module.second_salient_encoder)
+    tensors = next(iter(model._make_data_loader(adata=screen, batch_size=256)))
+    args, _ = module._get_fn_args_from_batch(tensors)
+    parity = torch.remainder(args.x.sum(-1).round(), 2).long()
+    assert 0 < parity.sum() < len(parity)
+
+    def salient_gradients(cells):
+        module.zero_grad()
+        half = args._make(value[cells] for value in args)
+        loss = pyro.infer.Trace_ELBO().differentiable_loss(module.model, module.guide, *half)
+        loss.backward()
+        return [
+            sum(p.grad.abs().sum() for p in e.parameters() if p.grad is not None) for e in encoders
+        ]
+
+    # Cells of parity k train encoder 1 - k only ...
+    assert salient_gradients(parity == 0)[0] == 0 < salient_gradients(parity == 0)[1]
+    assert salient_gradients(parity == 1)[1] == 0 < salient_gradients(parity == 1)[0]
+    # ... and every output reads them with encoder k.
+    module.eval()
+    with torch.no_grad():
+        salient = module.encode(*args.encoder_inputs)["salient"][0]
+        for k, encoder in enumerate(encoders):
+            cells = parity == k
+            x, _, batch_index, cat_covs, _ = (v[cells] for v in args.encoder_inputs)
+            scaled = (x * module.encoder_library_size / x.sum(-1, keepdim=True)).log1p()
+            expected = encoder(scaled, *covariates(batch_index, cat_covs))[0]
+            torch.testing.assert_close(salient[cells], expected)
 
 
 class _InterruptDuringEpoch(Callback):

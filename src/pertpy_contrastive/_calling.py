@@ -31,6 +31,7 @@ class CallingMixin:
         metric: str = "edistance",
         n_perms: int = 1000,
         show_progressbar: bool = False,
+        strata_key: str | None = None,
         **kwargs,
     ) -> pd.DataFrame:
         """Test each target against the controls in the salient latent of held-out cells.
@@ -50,6 +51,10 @@ class CallingMixin:
             ``model.validation_indices``.
         metric, n_perms, show_progressbar, **kwargs
             Passed to ``pt.tl.DistanceTest``.
+        strata_key
+            obs column (of the model's AnnData) to permute the labels within, e.g. the
+            replicate, when targets and controls are spread over it unequally; see
+            :func:`pertpy_contrastive.tl.distance_test`.
 
         Returns
         -------
@@ -80,9 +85,16 @@ class CallingMixin:
         control = self.get_setup_arg("control")
         indices = indices[self.cell_groups[indices] != CellGroup.EXCLUDED]
         labels = self.adata.obs[perturbation_key].iloc[indices].astype(str).to_numpy()
+        obs = pd.DataFrame({perturbation_key: labels}, index=self.adata.obs_names[indices])
+        if strata_key is not None:
+            if strata_key not in self.adata.obs:
+                raise KeyError(
+                    f"strata_key {strata_key!r} is not a column of the model's adata.obs. Pass "
+                    "the obs column of the batches to permute within, e.g. the replicate."
+                )
+            obs[strata_key] = self.adata.obs[strata_key].iloc[indices].to_numpy()
         tested = AnnData(
-            obs=pd.DataFrame({perturbation_key: labels}, index=self.adata.obs_names[indices]),
-            obsm={"X_salient": self.get_latent_representation(indices=indices)},
+            obs=obs, obsm={"X_salient": self.get_latent_representation(indices=indices)}
         )
         if control not in set(labels):
             raise ValueError(
@@ -98,6 +110,7 @@ class CallingMixin:
             metric=metric,
             n_perms=n_perms,
             show_progressbar=show_progressbar,
+            strata_key=strata_key,
             **kwargs,
         )
         table["n_cells"] = pd.Series(labels).value_counts().reindex(table.index).to_numpy()

@@ -141,6 +141,10 @@ class ContrastiveVAE(
         background state; the penalty keeps background (subclone, cell cycle) out of the
         salient latent, at some cost in program separation (docs/benchmarks.md, "Keeping the
         background out of the salient latent").
+    salient_cross_fitting
+        Experimental, off by default. Train two salient encoders, each on one half of the cells,
+        and read every cell's salient latent with the encoder that never trained on it, so that
+        the latent cannot fit a perturbed training cell's counting noise.
     seed
         Seed of the initial network weights (training has its own seed, see :meth:`train`).
     modality
@@ -177,6 +181,7 @@ class ContrastiveVAE(
         salient_effect: Literal["nonlinear", "additive"] = "nonlinear",
         encoder_library_size: float | None = None,
         independence_weight: float = 0.0,
+        salient_cross_fitting: bool = False,
         seed: int = 0,
         modality: str = "rna",
     ):
@@ -218,6 +223,7 @@ class ContrastiveVAE(
                 background_from_controls=responder,
                 encoder_library_size=encoder_library_size,
                 independence_weight=independence_weight,
+                salient_cross_fitting=salient_cross_fitting,
             )
         self._model_summary_string = (
             f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "

@@ -25,7 +25,9 @@ decoder reads z only, and s shifts the log proportions linearly: rho = softmax(f
 with unit-norm rows of W.
 
 Guide: q(z_n | x_n, c_n) q(s_n | x_n, c_n) [q(l_n | x_n, c_n)], encoders on log1p of the
-counts scaled to the data's median depth. The encoders do not see the perturbation label
+counts scaled to the data's median depth. With ``salient_cross_fitting``, q(s | x) has two
+encoders, and each cell's salient latent is read by the one that never trained on it (see
+``_salient_loc_scale``). The encoders do not see the perturbation label
 (unless ``salient_encoder_sees_group``), so a cell's salient latent reflects its expression,
 not its guide. The label enters only the responder branch, as the index of pi_t and mu_t.
 q(s | x) is the posterior of the responder branch; a non-responder's s is never decoded, so its
@@ -141,6 +143,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
     independence_weight
         Weight of the per-step HSIC between the perturbed cells' salient and background
         latents (off at 0).
+    salient_cross_fitting
+        Two salient encoders, each trained on one half of the cells and reading the other half
+        (the halves are the parity of each cell's total count).
     """
 
     def __init__(
@@ -168,6 +173,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         background_from_controls: bool = False,
         encoder_library_size: float = LEGACY_ENCODER_LIBRARY_SIZE,
         independence_weight: float = 0.0,
+        salient_cross_fitting: bool = False,
     ):
         super().__init__()
         if salient_effect not in SALIENT_EFFECTS:
@@ -188,6 +194,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         self.salient_effect = salient_effect
         self.background_from_controls = background_from_controls
         self.independence_weight = independence_weight
+        self.salient_cross_fitting = salient_cross_fitting
         # A buffer, so that a saved model keeps the value it was trained with.
         self.register_buffer("encoder_library_size", torch.tensor(float(encoder_library_size)))
 
@@ -207,13 +214,17 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             dropout_rate=dropout_rate,
             **network,
         )
-        self.salient_encoder = Encoder(
-            n_encoder_input,
-            n_salient,
-            n_cat_list=covariate_sizes + ([len(CellGroup)] if salient_encoder_sees_group else []),
-            dropout_rate=dropout_rate,
+        salient_network = {
+            "n_input": n_encoder_input,
+            "n_output": n_salient,
+            "n_cat_list": covariate_sizes
+            + ([len(CellGroup)] if salient_encoder_sees_group else []),
+            "dropout_rate": dropout_rate,
             **network,
-        )
+        }
+        self.salient_encoder = Encoder(**salient_network)
+        if salient_cross_fitting:
+            self.second_salient_encoder = Encoder(**salient_network)
         if not use_observed_library:
             if library_log_means is None or library_log_vars is None:
                 raise ValueError("A latent library size needs library_log_means and _vars.")
@@ -390,7 +401,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         """
         guide_counts, posterior = self.__dict__.pop("_guide_salient_posterior", (None, None))
         if guide_counts is not x:
-            posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)["salient"]
+            posterior = self.encode(x, group, batch_index, cat_covs, cont_covs, fitting=True)
+            posterior = posterior["salient"]
         return posterior
 
     def _branch_log_likelihoods(
@@ -504,7 +516,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
     ):
         """Sample the amortised mean-field guide q(z | x) q(s | x) [q(l | x)]."""
         n_cells = x.shape[0]
-        posterior = self.encode(x, group, batch_index, cat_covs, cont_covs)
+        posterior = self.encode(x, group, batch_index, cat_covs, cont_covs, fitting=True)
         if self.responder:
             self._guide_salient_posterior = (x, posterior["salient"])
         background = posterior["background"]
@@ -553,8 +565,15 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             penalties["salient_background_hsic"] = hsic
         self.last_penalties = {name: value.detach() for name, value in penalties.items()}
 
-    def encode(self, x, group, batch_index, cat_covs, cont_covs) -> dict[str, tuple]:
-        """Posterior ``(loc, scale)`` of each latent from counts and covariates."""
+    def encode(
+        self, x, group, batch_index, cat_covs, cont_covs, fitting: bool = False
+    ) -> dict[str, tuple]:
+        """Posterior ``(loc, scale)`` of each latent from counts and covariates.
+
+        ``fitting`` is for the ELBO's guide: with ``salient_cross_fitting`` each cell's salient
+        latent then comes from the encoder that trains on it, otherwise (every output) from the
+        encoder that does not.
+        """
         # Scaled to the data's median depth, not to a fixed 1e4: log1p(x * 1e4 / l) of a nonzero
         # count is about log(x) + log(1e4 / l), so at low depth every expressed gene carries
         # -log l, and the salient latent learnt depth (log-library R^2 0.13 against 0.02 at the
@@ -567,13 +586,46 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             salient_covariates = (*covariates, group.unsqueeze(-1))
         posterior = {
             "background": _loc_scale(self.background_encoder, encoder_input, covariates),
-            "salient": _loc_scale(self.salient_encoder, encoder_input, salient_covariates),
+            "salient": self._salient_loc_scale(x, encoder_input, salient_covariates, fitting),
         }
         if not self.use_observed_library:
             # The library encoder must see depth, so it reads unnormalised log counts.
             library_input = _with_continuous(torch.log1p(x), cont_covs)
             posterior["log_library"] = _loc_scale(self.library_encoder, library_input, covariates)
         return posterior
+
+    def _salient_loc_scale(self, x, encoder_input, covariates, fitting):
+        """q(s | x), cross-fitted when ``salient_cross_fitting`` is on.
+
+        For a perturbed training cell, a salient latent read by an encoder that trained on it
+        is spare capacity that fits the cell's counting noise, which controls (decoded at
+        s = 0) do not get: null perturbed cells then sit apart from controls in every output
+        (docs/benchmarks.md, "Calibration of the salient latent"). Cross-fitting splits the
+        cells in two halves by the parity of their total count, a coin independent of guide and
+        expression that every data loader sees alike without a stored index. Encoder k trains on
+        the half with parity 1 - k and reads the half with parity k, so every cell's output is
+        read as a held-out cell's would be. The shared decoder keeps the two encoders in one
+        salient space.
+        """
+        if not self.salient_cross_fitting:
+            return _loc_scale(self.salient_encoder, encoder_input, covariates)
+        parity = torch.remainder(x.sum(-1).round(), 2).long()
+        encoder_of_cell = 1 - parity if fitting else parity
+        loc = scale = None
+        for index, encoder in enumerate((self.salient_encoder, self.second_salient_encoder)):
+            rows = (encoder_of_cell == index).nonzero(as_tuple=True)[0]
+            if self.training and rows.numel() < 2:
+                # Batch normalisation needs two cells in training: read the whole minibatch and
+                # keep this half's rows (an empty half still gives DDP a gradient).
+                half = tuple(v[rows] for v in _loc_scale(encoder, encoder_input, covariates))
+            else:
+                half = _loc_scale(encoder, encoder_input[rows], tuple(c[rows] for c in covariates))
+            if loc is None:
+                loc = half[0].new_zeros((x.shape[0], half[0].shape[-1]))
+                scale = torch.ones_like(loc)
+            loc = loc.index_put((rows,), half[0])
+            scale = scale.index_put((rows,), half[1])
+        return loc, scale
 
 
 def _with_continuous(values: torch.Tensor, cont_covs: torch.Tensor) -> torch.Tensor:

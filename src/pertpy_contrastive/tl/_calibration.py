@@ -39,7 +39,8 @@ class CalibrationCheck:
     """P(perturbed) of each pseudo-target cell, indexed by cell."""
     targets: pd.DataFrame
     """The real targets' held-out distance test (:meth:`ContrastiveVAE.distance_test`), to
-    check that they are still found; empty with ``keep_targets=False``."""
+    check that they are still found; empty with ``keep_targets=False``. With a ``batch_key``,
+    ``pvalue_within_batches`` is the same test with the labels permuted within batches."""
 
     def plot_qq(self, *, return_fig: bool = False, save: str | None = None):
         """QQ plot of the pseudo-targets' p-values against the uniform, one line per test.
@@ -108,6 +109,9 @@ def calibration_check(
       cells, so this one is not calibrated;
     - ``"distance_test, response latent"``: :func:`~pertpy_contrastive.tl.distance_test` on
       the response latent (``get_latent_representation(kind="response")``);
+    - with a ``batch_key``, the held-out and the every-cell salient tests again with the labels
+      permuted within batches (``strata_key``; ``"... within batches"``), since control guides
+      can be spread over the batches unequally;
     - ``"differential_expression"``: the Wald p-values of
       :meth:`~pertpy_contrastive.ContrastiveVAE.differential_expression` with every cell
       counting (``responders_only=False``);
@@ -202,6 +206,21 @@ def calibration_check(
     tested.obs[perturbation_key] = tested.obs[perturbation_key].astype(str)
     held_out = model.distance_test(n_perms=n_perms)
     is_target = ~held_out.index.isin([control, *pseudo_labels])
+    within_batches = {}
+    if batch_key is not None:
+        within_batches = {
+            "distance_test, held-out cells, within batches": model.distance_test(
+                n_perms=n_perms, strata_key=batch_key
+            ),
+            "DistanceTest, salient latent, within batches": distance_test(
+                tested,
+                groupby=perturbation_key,
+                contrast=control,
+                obsm_key="X_salient",
+                n_perms=n_perms,
+                strata_key=batch_key,
+            ),
+        }
     distance_p_values = {
         "distance_test, held-out cells": held_out,
         "DistanceTest, salient latent": pt.tl.DistanceTest(
@@ -214,6 +233,7 @@ def calibration_check(
             obsm_key="X_response",
             n_perms=n_perms,
         ),
+        **within_batches,
     }
     every_cell = model._differential_expression(
         checked, cells, pseudo_labels, None, DE_DELTA, DE_FDR_TARGET
@@ -286,9 +306,13 @@ def calibration_check(
             "n": len(pseudo_probability),
         },
     ]
+    targets = held_out[is_target].copy()
+    if batch_key is not None:
+        stratified = within_batches["distance_test, held-out cells, within batches"]
+        targets["pvalue_within_batches"] = stratified["pvalue"].reindex(targets.index)
     return CalibrationCheck(
         summary=pd.DataFrame(rows),
         p_values=p_values,
         responder_probability=pseudo_probability,
-        targets=held_out[is_target],
+        targets=targets,
     )
