@@ -601,11 +601,11 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         is spare capacity that fits the cell's counting noise, which controls (decoded at
         s = 0) do not get: null perturbed cells then sit apart from controls in every output
         (docs/benchmarks.md, "Calibration of the salient latent"). Cross-fitting splits the
-        cells in two halves by the parity of their total count, a coin independent of guide and
-        expression that every data loader sees alike without a stored index. Encoder k trains on
-        the half with parity 1 - k and reads the half with parity k, so every cell's output is
-        read as a held-out cell's would be. The shared decoder keeps the two encoders in one
-        salient space.
+        cells in two halves by the parity of their total count, a coin that carries no biology
+        and that every data loader sees alike without a stored index. Encoder k trains on the
+        half with parity 1 - k and reads the half with parity k, so no output comes from an
+        encoder that trained on the cell (the shared decoder did, and keeps the two encoders in
+        one salient space).
         """
         if not self.salient_cross_fitting:
             return _loc_scale(self.salient_encoder, encoder_input, covariates)
