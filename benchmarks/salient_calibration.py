@@ -6,8 +6,11 @@ mean for each kind of cell, split into training and validation cells. Escapers e
 controls, so in a calibrated model the two have the same norm. Also prints the calling AUROC of
 ``benchmark_calling_de.py`` (effect against null targets, by E-distance to the controls) on the
 salient and the response latent, the responder AUROC of ``benchmark_responders.py``, and
-``benchmark_core.py``'s program separation and background leakage of both latents. One
-torch thread, so that two settings can run side by side. Run by hand (about 5 minutes alone):
+``benchmark_core.py``'s program separation and background leakage of both latents. With
+``salient_cross_fitting``, also how far the two salient encoders agree: on held-out cells
+(which neither trained on) the distance between their reads relative to the read's norm, and the
+program separation of each encoder's read of every cell beside that of the output, which mixes
+the two. One torch thread, so that two settings can run side by side. Run by hand (about 5 minutes alone):
 
     .venv/bin/python benchmarks/salient_calibration.py
     .venv/bin/python benchmarks/salient_calibration.py --train '{"n_epochs_responder_refinement": 20}'
@@ -20,6 +23,7 @@ import json
 import logging
 import warnings
 
+import numpy as np
 import torch
 from benchmark_calling_de import calling_auroc
 from benchmark_core import fit_contrastive_vae, leakage, program_separation
@@ -27,6 +31,40 @@ from benchmark_responders import SCREENS, latent_norms, responder_aurocs
 
 import pertpy_contrastive as pc
 from pertpy_contrastive._responders import response_latent
+
+
+@torch.inference_mode()
+def salient_reads(model) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's salient mean as output (parity k: encoder k) and by the other encoder."""
+    module = model.module.eval()
+    output, other = [], []
+    for tensors in model._make_data_loader(adata=model.adata, batch_size=1024):
+        inputs, _ = module._get_fn_args_from_batch(tensors)
+        output.append(module.encode(*inputs.encoder_inputs)["salient"][0].cpu().numpy())
+        other.append(
+            module.encode(*inputs.encoder_inputs, fitting=True)["salient"][0].cpu().numpy()
+        )
+    return np.concatenate(output), np.concatenate(other)
+
+
+def encoder_agreement(model, obs) -> None:
+    """Print how far the two cross-fitted salient encoders agree."""
+    output, other = salient_reads(model)
+    counts = model.adata_manager.get_from_registry("X")
+    parity = np.asarray(np.round(counts.sum(1))).ravel().astype(int) % 2
+    held_out = np.ones(len(obs), dtype=bool)
+    held_out[model.train_indices] = False
+    gap = np.linalg.norm(output - other, axis=1) / np.linalg.norm(output, axis=1).clip(1e-8)
+    print(
+        f"  encoders' disagreement on held-out cells (median relative distance): "
+        f"{np.median(gap[held_out]):.2f}"
+    )
+    for k in (0, 1):
+        single = np.where((parity == k)[:, None], output, other)
+        print(
+            f"  program separation of encoder {k}'s read of every cell: "
+            f"{program_separation(single, obs):.3f}"
+        )
 
 
 def main():
@@ -64,6 +102,8 @@ def main():
     )
     aurocs = responder_aurocs(adata.obs, probability)
     print("  responder AUROC: " + ", ".join(f"{k} {v:.3f}" for k, v in aurocs.items()))
+    if model.module.salient_cross_fitting:
+        encoder_agreement(model, obs)
     for name, latent in (("salient", salient), ("response", response)):
         background = {k: round(v, 3) for k, v in leakage(latent, obs).items()}
         print(
