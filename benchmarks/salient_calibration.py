@@ -10,7 +10,8 @@ salient and the response latent, the responder AUROC of ``benchmark_responders.p
 ``salient_cross_fitting``, also how far the two salient encoders agree: on held-out cells
 (which neither trained on) the distance between their reads relative to the read's norm, and the
 program separation of each encoder's read of every cell beside that of the output, which mixes
-the two. One torch thread, so that two settings can run side by side. Run by hand (about 5 minutes alone):
+the two, and the norms of each cell's read by the encoder that trains on it (the one the
+training step uses). One torch thread, so that two settings can run side by side. Run by hand (about 5 minutes alone):
 
     .venv/bin/python benchmarks/salient_calibration.py
     .venv/bin/python benchmarks/salient_calibration.py --train '{"n_epochs_responder_refinement": 20}'
@@ -59,6 +60,11 @@ def encoder_agreement(model, obs) -> None:
         f"  encoders' disagreement on held-out cells (median relative distance): "
         f"{np.median(gap[held_out]):.2f}"
     )
+    for kind, (training, held) in latent_norms(model, obs, other).items():
+        print(
+            f"  {kind}, read by the encoder that trains on them: training cells {training:.2f}, "
+            f"validation cells {held:.2f}"
+        )
     for k in (0, 1):
         single = np.where((parity == k)[:, None], output, other)
         print(
