@@ -62,7 +62,7 @@ class CallingMixin:
         ``significant_adj``) indexed by target, with ``n_cells``, the cells tested per group.
         """
         # tl imports the model; importing it at module level would be circular.
-        from .tl._distance import distance_test
+        from .tl._distance import check_strata_key, distance_test
 
         self._check_if_trained(warn=False)
         if indices is None:
@@ -87,11 +87,7 @@ class CallingMixin:
         labels = self.adata.obs[perturbation_key].iloc[indices].astype(str).to_numpy()
         obs = pd.DataFrame({perturbation_key: labels}, index=self.adata.obs_names[indices])
         if strata_key is not None:
-            if strata_key not in self.adata.obs:
-                raise KeyError(
-                    f"strata_key {strata_key!r} is not a column of the model's adata.obs. Pass "
-                    "the obs column of the batches to permute within, e.g. the replicate."
-                )
+            check_strata_key(self.adata.obs, strata_key)
             obs[strata_key] = self.adata.obs[strata_key].iloc[indices].to_numpy()
         tested = AnnData(
             obs=obs, obsm={"X_salient": self.get_latent_representation(indices=indices)}

@@ -89,17 +89,23 @@ def distance_test(
     return table
 
 
+def check_strata_key(obs: pd.DataFrame, strata_key: str) -> None:
+    """Raise a KeyError naming the fix if ``strata_key`` is not a column of ``obs``."""
+    if strata_key not in obs:
+        raise KeyError(
+            f"strata_key {strata_key!r} is not a column of adata.obs (columns: "
+            f"{list(obs.columns)}). Pass the obs column of the batches to permute within, e.g. "
+            "the replicate."
+        )
+
+
 def _stratified_test(adata, test, groupby, contrast, obsm_key, strata_key, seed) -> pd.DataFrame:
     """Run the permutation test with labels permuted within strata, into pertpy's columns.
 
     Written here because pertpy's ``DistanceTest`` permutes across all cells; the distance
     itself is pertpy's metric (``from_precomputed``).
     """
-    if strata_key not in adata.obs:
-        raise KeyError(
-            f"strata_key {strata_key!r} is not a column of adata.obs (columns: "
-            f"{list(adata.obs.columns)}). Pass the obs column of the batches to permute within."
-        )
+    check_strata_key(adata.obs, strata_key)
     metric = test.distance.metric_fct
     if not metric.accepts_precomputed:
         raise ValueError(
