@@ -51,8 +51,8 @@ def salient_reads(model) -> tuple[np.ndarray, np.ndarray]:
 def encoder_agreement(model, obs) -> None:
     """Print how far the two cross-fitted salient encoders agree."""
     output, other = salient_reads(model)
-    counts = model.adata_manager.get_from_registry("X")
-    parity = np.asarray(np.round(counts.sum(1))).ravel().astype(int) % 2
+    totals = np.asarray(model.adata_manager.get_from_registry("X").sum(1)).reshape(-1, 1)
+    parity = model.module.cross_fitting_half(torch.as_tensor(totals)).numpy()
     held_out = np.ones(len(obs), dtype=bool)
     held_out[model.train_indices] = False
     gap = np.linalg.norm(output - other, axis=1) / np.linalg.norm(output, axis=1).clip(1e-8)

@@ -68,6 +68,9 @@ def test_permutations_within_strata_keep_a_batch_confounded_null_null():
     assert within.loc["A", "pvalue"] > 0.05
     assert within.loc["A", "distance"] == pytest.approx(pertpy_table.loc["A", "distance"])
     assert within.loc[CONTROL, "pvalue"] == 1 and within.loc[CONTROL, "distance"] == 0
+    # The same table as pertpy's: columns, types and the contrast row.
+    assert within.dtypes.equals(pertpy_table.dtypes)
+    assert within.loc[CONTROL].equals(pertpy_table.loc[CONTROL])
     shifted = pc.tl.distance_test(
         _batch_confounded_null(1.5), **kwargs, n_perms=200, strata_key="batch"
     )

@@ -594,6 +594,14 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             posterior["log_library"] = _loc_scale(self.library_encoder, library_input, covariates)
         return posterior
 
+    @staticmethod
+    def cross_fitting_half(x: torch.Tensor) -> torch.Tensor:
+        """Each cell's half under ``salient_cross_fitting``: the parity of its total count.
+
+        Outputs read a cell of half k with encoder k, which trained on the other half.
+        """
+        return torch.remainder(x.sum(-1).round(), 2).long()
+
     def _salient_loc_scale(self, x, encoder_input, covariates, fitting):
         """q(s | x), cross-fitted when ``salient_cross_fitting`` is on.
 
@@ -609,7 +617,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         """
         if not self.salient_cross_fitting:
             return _loc_scale(self.salient_encoder, encoder_input, covariates)
-        parity = torch.remainder(x.sum(-1).round(), 2).long()
+        parity = self.cross_fitting_half(x)
         encoder_of_cell = 1 - parity if fitting else parity
         loc = scale = None
         for index, encoder in enumerate((self.salient_encoder, self.second_salient_encoder)):

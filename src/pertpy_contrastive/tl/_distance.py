@@ -83,8 +83,11 @@ def distance_test(
     significant_adj, adjusted, _, _ = multipletests(
         table.loc[tested, "pvalue"].to_numpy(), alpha=test.padj_threshold, method=test.correction
     )
-    table.loc[tested, "significant"] = table.loc[tested, "pvalue"] < test.padj_threshold
+    # The contrast row gets pertpy's values for it (p = 1, adjusted 1, not significant).
+    table["significant"] = table["pvalue"] < test.padj_threshold
+    table["pvalue_adj"] = 1.0
     table.loc[tested, "pvalue_adj"] = adjusted
+    table["significant_adj"] = False
     table.loc[tested, "significant_adj"] = significant_adj
     return table
 
@@ -100,7 +103,7 @@ def check_strata_key(obs: pd.DataFrame, strata_key: str) -> None:
 
 
 def _stratified_test(adata, test, groupby, contrast, obsm_key, strata_key, seed) -> pd.DataFrame:
-    """Run the permutation test with labels permuted within strata, into pertpy's columns.
+    """Distance and permutation p-value of each group, labels permuted within strata.
 
     Written here because pertpy's ``DistanceTest`` permutes across all cells; the distance
     itself is pertpy's metric (``from_precomputed``).
@@ -134,7 +137,4 @@ def _stratified_test(adata, test, groupby, contrast, obsm_key, strata_key, seed)
         rows[group] = (observed, (1 + reached) / (1 + test.n_perms))
     table = pd.DataFrame.from_dict(rows, orient="index", columns=["distance", "pvalue"])
     table.loc[contrast] = (0.0, 1.0)
-    table["significant"] = table["pvalue"] < test.padj_threshold
-    table["pvalue_adj"] = table["pvalue"]
-    table["significant_adj"] = table["significant"]
     return table
