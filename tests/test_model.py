@@ -111,7 +111,12 @@ def test_same_seed_same_latents(screen):
 
 
 @pytest.mark.parametrize(
-    "model_kwargs", [{"likelihood": "nb", "responder": True}, {"salient_cross_fitting": True}]
+    "model_kwargs",
+    [
+        {"likelihood": "nb", "responder": True},
+        {"salient_cross_fitting": True},
+        {"counterfactual_controls": True},
+    ],
 )
 def test_save_load_round_trip_is_exact(screen, tmp_path, model_kwargs):
     setup(screen, batch_key="batch", continuous_covariate_keys=["stress"])
@@ -454,6 +459,55 @@ def test_cross_fitted_salient_encoders_never_read_the_cells_they_train_on(screen
             scaled = (x * module.encoder_library_size / x.sum(-1, keepdim=True)).log1p()
             expected = encoder(scaled, *covariates(batch_index, cat_covs))[0]
             torch.testing.assert_close(salient[cells], expected)
+
+
+def test_counterfactual_controls_train_only_the_salient_encoder(screen):
+    setup(screen)
+    model = pc.ContrastiveVAE(screen, n_hidden=16, background_mmd_weight=0.0)
+    module = model.module
+    tensors = next(iter(model._make_data_loader(adata=screen, batch_size=256)))
+    args, _ = module._get_fn_args_from_batch(tensors)
+
+    def step(counterfactual, group):
+        """Loss, gradients by part, and the decoder's batch-norm statistics after one step."""
+        module.counterfactual_controls = counterfactual
+        module.zero_grad()
+        cells = args.group == group
+        torch.manual_seed(0)
+        loss = pyro.infer.Trace_ELBO().differentiable_loss(
+            module.model, module.guide, *args._make(value[cells] for value in args)
+        )
+        loss.backward()
+        parts = {
+            "salient": module.salient_encoder,
+            "background": module.background_encoder,
+            "decoder": module.decoder,
+        }
+        gradients = {
+            name: torch.cat([p.grad.flatten() for p in part.parameters() if p.grad is not None])
+            for name, part in parts.items()
+        }
+        gradients["dispersion"] = module.log_inverse_dispersion.grad.clone()
+        statistics = [b.clone() for b in module.decoder.buffers()]
+        return loss.detach(), gradients, statistics
+
+    buffers = {name: b.clone() for name, b in module.named_buffers()}
+    _, plain, plain_statistics = step(False, CellGroup.BACKGROUND)
+    module.load_state_dict(buffers, strict=False)
+    _, counterfactual, statistics = step(True, CellGroup.BACKGROUND)
+    # Controls' counts scored through their own s move the salient encoder ...
+    assert not torch.allclose(plain["salient"], counterfactual["salient"])
+    # ... and nothing else: not the decoder, its statistics, z's encoder or the dispersions.
+    for name in ("decoder", "background", "dispersion"):
+        torch.testing.assert_close(plain[name], counterfactual[name])
+    for before, after in zip(plain_statistics, statistics, strict=True):
+        torch.testing.assert_close(before, after)
+    # Perturbed cells are scored as before.
+    module.load_state_dict(buffers, strict=False)
+    plain_loss, *_ = step(False, CellGroup.TARGET)
+    module.load_state_dict(buffers, strict=False)
+    counterfactual_loss, *_ = step(True, CellGroup.TARGET)
+    torch.testing.assert_close(plain_loss, counterfactual_loss)
 
 
 class _InterruptDuringEpoch(Callback):

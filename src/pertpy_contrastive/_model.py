@@ -145,6 +145,12 @@ class ContrastiveVAE(
         Experimental, off by default. Train two salient encoders, each on one half of the cells,
         and read every cell's salient latent with the encoder that never trained on it, so that
         the latent cannot fit a perturbed training cell's counting noise.
+    counterfactual_controls
+        Experimental, off by default. Controls also train the salient encoder, each scored as
+        if it were perturbed (decoded with its own salient latent through the decoder held
+        fixed), so that the encoder reads every cell alike instead of recognising the training
+        controls and pulling only them to 0. About one more decoder pass per step
+        (docs/benchmarks.md, "Controls read as perturbed").
     seed
         Seed of the initial network weights (training has its own seed, see :meth:`train`).
     modality
@@ -182,6 +188,7 @@ class ContrastiveVAE(
         encoder_library_size: float | None = None,
         independence_weight: float = 0.0,
         salient_cross_fitting: bool = False,
+        counterfactual_controls: bool = False,
         seed: int = 0,
         modality: str = "rna",
     ):
@@ -224,6 +231,7 @@ class ContrastiveVAE(
                 encoder_library_size=encoder_library_size,
                 independence_weight=independence_weight,
                 salient_cross_fitting=salient_cross_fitting,
+                counterfactual_controls=counterfactual_controls,
             )
         self._model_summary_string = (
             f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "
