@@ -384,6 +384,20 @@ def test_independence_penalty_is_logged_apart(screen):
     assert (model.history["salient_background_hsic_train"].to_numpy(dtype=float) > 0).all()
 
 
+def test_counterfactual_controls_term_is_logged_apart_from_the_elbo(screen):
+    setup(screen, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen, counterfactual_controls=True), max_epochs=2)
+    for stage in ("train", "validation"):
+        terms = {
+            name: model.history[f"{name}_{stage}"].to_numpy(dtype=float).ravel()
+            for name in ("loss", "elbo", "background_mmd", "control_counterfactual")
+        }
+        # The controls' negative log-likelihood under their own s: positive, and not the ELBO's.
+        assert (terms["control_counterfactual"] > 0).all()
+        added = terms["background_mmd"] + terms["control_counterfactual"]
+        np.testing.assert_allclose(terms["loss"], terms["elbo"] + added, rtol=1e-5)
+
+
 def test_background_mmd_enters_the_loss_once_per_step(screen):
     setup(screen, batch_key="batch")
     model = quick_train(pc.ContrastiveVAE(screen), max_epochs=1)

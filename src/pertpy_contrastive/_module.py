@@ -369,6 +369,10 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                     gate_logits,
                 ).log_prob(x)
                 pyro.factor("control_counterfactual", counterfactual * is_control)
+                # Not part of the ELBO: logged apart, as what it adds to the step's loss (the
+                # guide, which Trace_ELBO runs first, has just reset the step's terms).
+                added = -(_scale(cell_weight) * counterfactual * is_control).sum().detach()
+                self.last_penalties = {**self.last_penalties, "control_counterfactual": added}
             if not self.responder and responder_weight is None:
                 # Every target cell responds; controls carry no perturbation (s' = 0).
                 used_salient = s * is_target.unsqueeze(-1)
