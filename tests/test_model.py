@@ -116,6 +116,7 @@ def test_same_seed_same_latents(screen):
         {"likelihood": "nb", "responder": True},
         {"salient_cross_fitting": True},
         {"counterfactual_controls": True},
+        {"counterfactual_controls": "decoder", "independence_weight": 10.0},
     ],
 )
 def test_save_load_round_trip_is_exact(screen, tmp_path, model_kwargs):
@@ -207,6 +208,12 @@ def test_unknown_likelihood(screen):
     setup(screen)
     with pytest.raises(ValueError, match="likelihood must be one of"):
         pc.ContrastiveVAE(screen, likelihood="gaussian")
+
+
+def test_unknown_counterfactual_controls_mode(screen):
+    setup(screen)
+    with pytest.raises(ValueError, match="counterfactual_controls must be one of"):
+        pc.ContrastiveVAE(screen, counterfactual_controls="encoder")
 
 
 def test_latent_library_size(screen):
@@ -475,7 +482,11 @@ def test_cross_fitted_salient_encoders_never_read_the_cells_they_train_on(screen
             torch.testing.assert_close(salient[cells], expected)
 
 
-def test_counterfactual_controls_train_only_the_salient_encoder(screen):
+@pytest.mark.parametrize(
+    ("mode", "trained"),
+    [(True, ("salient",)), ("decoder", ("salient", "decoder"))],
+)
+def test_counterfactual_controls_train_only_what_they_name(screen, mode, trained):
     setup(screen)
     model = pc.ContrastiveVAE(screen, n_hidden=16, background_mmd_weight=0.0)
     module = model.module
@@ -508,19 +519,22 @@ def test_counterfactual_controls_train_only_the_salient_encoder(screen):
     buffers = {name: b.clone() for name, b in module.named_buffers()}
     _, plain, plain_statistics = step(False, CellGroup.BACKGROUND)
     module.load_state_dict(buffers, strict=False)
-    _, counterfactual, statistics = step(True, CellGroup.BACKGROUND)
-    # Controls' counts scored through their own s move the salient encoder ...
-    assert not torch.allclose(plain["salient"], counterfactual["salient"])
-    # ... and nothing else: not the decoder, its statistics, z's encoder or the dispersions.
-    for name in ("decoder", "background", "dispersion"):
+    _, counterfactual, statistics = step(mode, CellGroup.BACKGROUND)
+    # Controls' counts scored through their own s move the parts the mode names ...
+    for name in trained:
+        assert not torch.allclose(plain[name], counterfactual[name])
+    # ... and nothing else: z's encoder and the dispersions, and the decoder's batch-norm
+    # statistics unless the decoder is trained.
+    for name in {"decoder", "background", "dispersion"} - set(trained):
         torch.testing.assert_close(plain[name], counterfactual[name])
-    for before, after in zip(plain_statistics, statistics, strict=True):
-        torch.testing.assert_close(before, after)
+    if "decoder" not in trained:
+        for before, after in zip(plain_statistics, statistics, strict=True):
+            torch.testing.assert_close(before, after)
     # Perturbed cells are scored as before.
     module.load_state_dict(buffers, strict=False)
     plain_loss, *_ = step(False, CellGroup.TARGET)
     module.load_state_dict(buffers, strict=False)
-    counterfactual_loss, *_ = step(True, CellGroup.TARGET)
+    counterfactual_loss, *_ = step(mode, CellGroup.TARGET)
     torch.testing.assert_close(plain_loss, counterfactual_loss)
 
 

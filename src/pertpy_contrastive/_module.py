@@ -35,7 +35,8 @@ posterior is its prior and the escaper branch carries no salient term (see
 ``_branch_log_likelihoods``). A control is decoded without s, so the ELBO pulls its q(s | x) to
 the prior, centred on 0; an opt-in Wasserstein penalty pulls it further, to the point mass at 0.
 With ``counterfactual_controls``, a control's counts are also scored with its own s through the
-decoder held fixed, a term that trains the salient encoder only, so that it reads every cell alike.
+decoder held fixed, a term that trains the salient encoder only, so that it reads every cell alike
+(with ``"decoder"``, it trains the decoder too, so that the decoder fits every cell's noise alike).
 A per-step MMD between controls' and perturbed cells' background latents keeps perturbation
 effects out of z; an opt-in HSIC penalty between perturbed cells' s and z keeps background out
 of s; with ``background_from_controls`` (set by the responder model) only controls
@@ -69,6 +70,7 @@ from ._likelihoods import LIKELIHOODS, Likelihood, count_distribution
 
 _TINY = 1e-30
 SALIENT_EFFECTS = ("nonlinear", "additive")
+COUNTERFACTUAL_CONTROLS = (False, True, "decoder")
 SalientEffect = Literal["nonlinear", "additive"]
 _MMD_KERNEL_WIDTHS = (0.25, 1.0, 4.0)  # squared widths per latent dimension
 
@@ -149,8 +151,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         Two salient encoders, each trained on one half of the cells and reading the other half
         (the halves are the parity of each cell's total count).
     counterfactual_controls
-        Controls also train the salient encoder: each control's counts are reconstructed from
-        its own salient latent through the decoder held fixed (see ``model``).
+        ``True``: controls also train the salient encoder; each control's counts are
+        reconstructed from its own salient latent through the decoder held fixed (see
+        ``model``). ``"decoder"``: the same term trains the decoder too. ``False``: off.
     """
 
     def __init__(
@@ -179,9 +182,14 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         encoder_library_size: float = LEGACY_ENCODER_LIBRARY_SIZE,
         independence_weight: float = 0.0,
         salient_cross_fitting: bool = False,
-        counterfactual_controls: bool = False,
+        counterfactual_controls: bool | Literal["decoder"] = False,
     ):
         super().__init__()
+        if counterfactual_controls not in COUNTERFACTUAL_CONTROLS:
+            raise ValueError(
+                f"counterfactual_controls must be one of {COUNTERFACTUAL_CONTROLS}, got "
+                f"{counterfactual_controls!r}."
+            )
         if salient_effect not in SALIENT_EFFECTS:
             raise ValueError(
                 f"salient_effect must be one of {SALIENT_EFFECTS}, got {salient_effect!r}."
@@ -358,9 +366,20 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 # from telling training controls apart; the decoder still learns the controls
                 # at s = 0 (docs/benchmarks.md, "Controls read as perturbed").
                 is_control = (group == CellGroup.BACKGROUND).to(x.dtype)
+                # With "decoder" the term trains the decoder too. The decoder otherwise learns
+                # the s pathway from perturbed training cells alone and fits their noise through
+                # it; trained on the controls' s as well, it fits every training cell's noise
+                # alike, so a perturbed training cell no longer sits apart from a control
+                # (docs/benchmarks.md, "Controls read as perturbed"). z stays detached: the
+                # controls' z is trained by the ELBO to explain them at s = 0.
                 # Every cell goes through, so that batch normalisation sees a whole minibatch.
                 rate, gate_logits = self._decode(
-                    z.detach(), s, cont_covs, log_library, covariates, frozen=True
+                    z.detach(),
+                    s,
+                    cont_covs,
+                    log_library,
+                    covariates,
+                    frozen=self.counterfactual_controls != "decoder",
                 )
                 counterfactual = count_distribution(
                     self.likelihood,
