@@ -8,6 +8,8 @@ validation), after ``--warmup-epochs`` untimed epochs; the median over ``--epoch
 is reported. The two methods alternate ``--repeats`` times, and the ratio of each pair is given,
 since only a ratio measured in one run compares across runs on a noisy machine.
 
+``--model`` passes JSON of further ContrastiveVAE arguments, to time an option.
+
 ``--profile`` adds torch.profiler's table of the operators that took the most time in one
 epoch of ContrastiveVAE (its self time, summed over calls). ``--sparse-probe`` times the
 encoders' first layer (a step's 256 cells x genes, times 128 hidden units, forward and backward)
@@ -30,6 +32,7 @@ Throughput:  .venv/bin/python benchmarks/epoch_time.py --cells 50000 200000 5000
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -37,6 +40,7 @@ import resource
 import statistics
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -76,12 +80,12 @@ class EpochTimer(pl.Callback):
             self.costs[name].append(value - self._start[name])
 
 
-def train_contrastive_vae(adata, n_epochs, callbacks):
+def train_contrastive_vae(adata, n_epochs, callbacks, model_kwargs):
     data = adata.copy()
     pc.ContrastiveVAE.setup_anndata(
         data, perturbation_key="perturbation", control=CONTROL, batch_key="batch"
     )
-    model = pc.ContrastiveVAE(data, n_salient=10, n_background=10, seed=0)
+    model = pc.ContrastiveVAE(data, n_salient=10, n_background=10, seed=0, **model_kwargs)
     model.train(
         max_epochs=n_epochs,
         early_stopping=False,
@@ -105,9 +109,6 @@ def train_contrastive_vi(adata, n_epochs, callbacks):
         enable_progress_bar=False,
         callbacks=callbacks,
     )
-
-
-METHODS = {"ContrastiveVAE": train_contrastive_vae, "ContrastiveVI": train_contrastive_vi}
 
 
 def median_epoch_costs(train, adata, args) -> dict[str, float]:
@@ -139,7 +140,7 @@ class ProfileOneEpoch(pl.Callback):
 def profile_lines(adata, args, n_rows=12) -> list[str]:
     """The operators with the most self time in one epoch of ContrastiveVAE, as a table."""
     profiler = ProfileOneEpoch(args.warmup_epochs)
-    train_contrastive_vae(adata, args.warmup_epochs + 1, [profiler])
+    train_contrastive_vae(adata, args.warmup_epochs + 1, [profiler], json.loads(args.model))
     events = sorted(
         profiler.profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True
     )
@@ -190,8 +191,13 @@ def main():
     parser.add_argument(
         "--simulate-at-most", type=int, help="simulate at most this many cells, then repeat them"
     )
+    parser.add_argument("--model", default="{}", help="JSON of further ContrastiveVAE arguments")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmark_epoch_time.md"))
     args = parser.parse_args()
+    methods = {
+        "ContrastiveVAE": partial(train_contrastive_vae, model_kwargs=json.loads(args.model)),
+        "ContrastiveVI": train_contrastive_vi,
+    }
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
@@ -205,9 +211,9 @@ def main():
     profiles = []
     for n_cells in args.cells:
         adata = large_screen(n_cells, args.genes, args.seed, args.simulate_at_most)
-        costs = {name: [] for name in METHODS}
+        costs = {name: [] for name in methods}
         for _ in range(args.repeats):
-            for name, train in METHODS.items():
+            for name, train in methods.items():
                 costs[name].append(median_epoch_costs(train, adata, args))
                 print(n_cells, name, costs[name][-1], flush=True)
         median = {
@@ -223,12 +229,12 @@ def main():
             f"{median['ContrastiveVI']['seconds']:.2f} | "
             f"{', '.join(f'{r:.2f}' for r in ratios)} | **{statistics.median(ratios):.2f}** | "
             + " | ".join(
-                f"{TRAIN_SIZE * n_cells / median[name]['seconds']:,.0f}" for name in METHODS
+                f"{TRAIN_SIZE * n_cells / median[name]['seconds']:,.0f}" for name in methods
             )
             + " | "
-            + " / ".join(f"{median[name]['minor_faults']:,.0f}" for name in METHODS)
+            + " / ".join(f"{median[name]['minor_faults']:,.0f}" for name in methods)
             + " | "
-            + " / ".join(f"{median[name]['system']:.2f}" for name in METHODS)
+            + " / ".join(f"{median[name]['system']:.2f}" for name in methods)
             + " |"
         )
         if args.profile:
@@ -250,6 +256,8 @@ def main():
     header += " Allocator variables: " + (
         ", ".join(f"`{k}={v}`" for k, v in allocator.items()) if allocator else "none set."
     )
+    if json.loads(args.model):
+        header += f" Further ContrastiveVAE arguments: {args.model}."
     if args.simulate_at_most:
         header += (
             f" Sizes above {args.simulate_at_most:,} cells repeat the cells of the "
@@ -262,7 +270,8 @@ def main():
         f"--repeats {args.repeats} --seed {args.seed}{' --profile' if args.profile else ''}"
         f"{' --sparse-probe' if args.sparse_probe else ''}"
         f"{f' --simulate-at-most {args.simulate_at_most}' if args.simulate_at_most else ''} "
-        f"--output {args.output}`"
+        + (f"--model '{args.model}' " if json.loads(args.model) else "")
+        + f"--output {args.output}`"
     )
     write_results(args.output, "Seconds per epoch", command, header, lines + profiles)
 

@@ -154,7 +154,7 @@ class ContrastiveVAE(
         cells and fits the noise of every training cell alike; perturbed training cells then
         sit where training controls sit. Best with ``independence_weight=10``, which keeps the
         background it lets into the salient latent out. About one more decoder pass per step
-        (docs/benchmarks.md, "Controls read as perturbed").
+        (docs/benchmarks.md, "Controls read as perturbed" and "The decoder's half").
     seed
         Seed of the initial network weights (training has its own seed, see :meth:`train`).
     modality

@@ -370,9 +370,11 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 # the s pathway from perturbed training cells alone and fits their noise through
                 # it; trained on the controls' s as well, it fits every training cell's noise
                 # alike, so a perturbed training cell no longer sits apart from a control
-                # (docs/benchmarks.md, "Controls read as perturbed"). z stays detached: the
+                # (docs/benchmarks.md, "The decoder's half"). z stays detached: the
                 # controls' z is trained by the ELBO to explain them at s = 0.
                 # Every cell goes through, so that batch normalisation sees a whole minibatch.
+                # With "decoder" this is a training pass of the decoder, so its inputs update
+                # the running statistics too, as the ELBO's pass does.
                 rate, gate_logits = self._decode(
                     z.detach(),
                     s,
