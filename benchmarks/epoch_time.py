@@ -137,10 +137,10 @@ class ProfileOneEpoch(pl.Callback):
             self.profiler.__exit__(None, None, None)
 
 
-def profile_lines(adata, args, n_rows=12) -> list[str]:
+def profile_lines(adata, args, model_kwargs, n_rows=12) -> list[str]:
     """The operators with the most self time in one epoch of ContrastiveVAE, as a table."""
     profiler = ProfileOneEpoch(args.warmup_epochs)
-    train_contrastive_vae(adata, args.warmup_epochs + 1, [profiler], json.loads(args.model))
+    train_contrastive_vae(adata, args.warmup_epochs + 1, [profiler], model_kwargs)
     events = sorted(
         profiler.profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True
     )
@@ -194,8 +194,9 @@ def main():
     parser.add_argument("--model", default="{}", help="JSON of further ContrastiveVAE arguments")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmark_epoch_time.md"))
     args = parser.parse_args()
+    model_kwargs = json.loads(args.model)
     methods = {
-        "ContrastiveVAE": partial(train_contrastive_vae, model_kwargs=json.loads(args.model)),
+        "ContrastiveVAE": partial(train_contrastive_vae, model_kwargs=model_kwargs),
         "ContrastiveVI": train_contrastive_vi,
     }
     warnings.filterwarnings("ignore")
@@ -239,7 +240,7 @@ def main():
         )
         if args.profile:
             profiles += ["", f"Profile of one ContrastiveVAE epoch at {n_cells} cells:", ""]
-            profiles += profile_lines(adata, args)
+            profiles += profile_lines(adata, args, model_kwargs)
         del adata  # before the next size's screen is built
     if args.sparse_probe:
         profiles += ["", "The encoders' first layer, dense against sparse input:", ""]
@@ -256,7 +257,7 @@ def main():
     header += " Allocator variables: " + (
         ", ".join(f"`{k}={v}`" for k, v in allocator.items()) if allocator else "none set."
     )
-    if json.loads(args.model):
+    if model_kwargs:
         header += f" Further ContrastiveVAE arguments: {args.model}."
     if args.simulate_at_most:
         header += (
@@ -270,7 +271,7 @@ def main():
         f"--repeats {args.repeats} --seed {args.seed}{' --profile' if args.profile else ''}"
         f"{' --sparse-probe' if args.sparse_probe else ''}"
         f"{f' --simulate-at-most {args.simulate_at_most}' if args.simulate_at_most else ''} "
-        + (f"--model '{args.model}' " if json.loads(args.model) else "")
+        + (f"--model '{args.model}' " if model_kwargs else "")
         + f"--output {args.output}`"
     )
     write_results(args.output, "Seconds per epoch", command, header, lines + profiles)

@@ -87,31 +87,14 @@ def main():
         print(check.targets.loc[IFN_GAMMA_PATHWAY].to_string(), flush=True)
         checks.append(check)
         anchors.append(pca_anchor(normalised, sorted(set(check.p_values["pseudo_target"]))))
-    anchor_p_values = pd.concat(anchors)
-    anchor_summary = pd.DataFrame(
-        [
-            {
-                "check": f"{test}: p-values below level",
-                "level": level,
-                "observed": float((table["p_value"] < level).mean()),
-                "n": len(table),
-            }
-            for test, table in anchor_p_values.groupby("test", sort=False)
-            for level in (0.01, 0.05, 0.1)
-        ]
-    )
     figure_path = args.output.with_suffix(".qq.png")
     checks[-1].plot_qq(return_fig=True, save=figure_path)
 
-    # Each anchor row is the mean over the check seeds, as the model's rows are.
-    summaries = pd.concat(
-        [c.summary for c in checks]
-        + [anchor_summary.assign(n=anchor_summary["n"] / len(checks))] * len(checks)
-    )
+    summaries = pd.concat([c.summary for c in checks] + [summarise(a) for a in anchors])
     table = summaries.groupby(["check", "level"], sort=False).agg(
         observed=("observed", "mean"), n=("n", "sum")
     )
-    pooled = pd.concat([c.p_values for c in checks] + [anchor_p_values])
+    pooled = pd.concat([c.p_values for c in checks] + anchors)
     uniformity = {
         test: stats.kstest(values["p_value"], "uniform").pvalue
         for test, values in pooled.groupby("test")
@@ -179,6 +162,22 @@ def main():
         "pseudo-target cells per seed called KO is in the last row."
     )
     write_results(args.output, "Papalexi negative-control calibration", command, header, lines)
+
+
+def summarise(p_values, levels=(0.01, 0.05, 0.1)):
+    """One check seed's rows in ``CalibrationCheck.summary``'s form: the rate below each level."""
+    return pd.DataFrame(
+        [
+            {
+                "check": f"{test}: p-values below level",
+                "level": level,
+                "observed": float((table["p_value"] < level).mean()),
+                "n": len(table),
+            }
+            for test, table in p_values.groupby("test", sort=False)
+            for level in levels
+        ]
+    )
 
 
 def pca_anchor(normalised, pseudo_labels):
