@@ -12,6 +12,7 @@ from pertpy_contrastive._likelihoods import (
     NegativeBinomial,
     ZeroInflatedNegativeBinomial,
     count_distribution,
+    log_prob_up_to_count_terms,
 )
 
 
@@ -51,6 +52,28 @@ def test_zero_aware_log_prob_equals_dense_formula(likelihood, shape, per_gene_th
     reference_grad = torch.autograd.grad(reference.sum(), parameters)
     for ours_part, reference_part in zip(ours_grad, reference_grad, strict=True):
         torch.testing.assert_close(ours_part, reference_part, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("likelihood", ["poisson", "nb", "zinb"])
+def test_log_prob_up_to_count_terms_differs_by_a_term_free_of_the_mean(likelihood):
+    counts, mu, theta, gate_logits = _inputs((64, 30))
+
+    def both(mean, gate):
+        full = count_distribution(likelihood, mean, theta, gate).log_prob(counts)
+        return full, log_prob_up_to_count_terms(likelihood, mean, theta, gate, counts)
+
+    full, partial = both(mu, gate_logits)
+    other_full, other_partial = both(mu.detach() * 2.5 + 0.3, gate_logits.detach() - 1.0)
+    # The dropped terms are the same whatever the mean and the gate ...
+    torch.testing.assert_close(full - partial, other_full - other_partial)
+    assert not torch.allclose(full, other_full)
+    # ... so the gradients in the mean and the gate are the full likelihood's.
+    parameters = (mu, gate_logits) if likelihood == "zinb" else (mu,)
+    expected = torch.autograd.grad(full.sum(), parameters)
+    for ours, reference in zip(
+        torch.autograd.grad(partial.sum(), parameters), expected, strict=True
+    ):
+        torch.testing.assert_close(ours, reference)
 
 
 def test_all_zero_and_float32_counts():

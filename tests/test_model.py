@@ -117,6 +117,7 @@ def test_same_seed_same_latents(screen):
         {"salient_cross_fitting": True},
         {"counterfactual_controls": True},
         {"counterfactual_controls": "decoder", "independence_weight": 10.0},
+        {"counterfactual_controls": "decoder", "counterfactual_share": 0.25},
     ],
 )
 def test_save_load_round_trip_is_exact(screen, tmp_path, model_kwargs):
@@ -214,6 +215,59 @@ def test_unknown_counterfactual_controls_mode(screen):
     setup(screen)
     with pytest.raises(ValueError, match="counterfactual_controls must be one of"):
         pc.ContrastiveVAE(screen, counterfactual_controls="encoder")
+
+
+@pytest.mark.parametrize("share", [0.0, 1.5])
+def test_counterfactual_share_out_of_range(screen, share):
+    setup(screen)
+    with pytest.raises(ValueError, match=r"counterfactual_share must be in \(0, 1\]"):
+        pc.ContrastiveVAE(screen, counterfactual_controls="decoder", counterfactual_share=share)
+
+
+def test_counterfactual_share_scores_the_controls_of_a_weighted_subset_alike(screen):
+    setup(screen)
+    model = pc.ContrastiveVAE(screen, n_hidden=16, counterfactual_controls="decoder")
+    module = model.module.eval()  # batch norm at its running statistics: rows do not interact
+    tensors = next(iter(model._make_data_loader(adata=screen, batch_size=256)))
+    args, _ = module._get_fn_args_from_batch(tensors)
+    torch.manual_seed(0)
+    z = torch.randn(args.x.shape[0], module.n_background)
+    s = torch.randn(args.x.shape[0], module.n_salient)
+    log_library = args.x.sum(-1, keepdim=True).log()
+    n_controls = int((args.group == CellGroup.BACKGROUND).sum())
+    module.last_penalties = {}  # what the guide resets at every step
+
+    def counterfactual_factor():
+        with pyro.poutine.trace() as trace, pyro.plate("cells", args.x.shape[0]):
+            module._score_controls_counterfactually(
+                args.x,
+                z,
+                s,
+                args.group,
+                args.cont_covs,
+                log_library,
+                covariates(args.batch_index, args.cat_covs),
+                None,
+            )
+        return trace.trace.nodes["control_counterfactual"]["fn"].log_factor.detach()
+
+    everyone = counterfactual_factor()
+    is_control = args.group == CellGroup.BACKGROUND
+    assert (everyone[is_control] != 0).all()
+    assert (everyone[~is_control] == 0).all()
+    module.counterfactual_share = 0.25
+    draws = torch.stack([counterfactual_factor() for _ in range(400)])
+    # Each draw decodes a quarter of the cells and scores the controls among them, weighted by
+    # the inverse of that share ...
+    n_cells = args.x.shape[0]
+    scored = draws != 0
+    assert (scored & ~is_control).sum() == 0
+    assert 0 < scored.sum(-1).float().mean() < n_controls
+    inverse_share = n_cells / round(0.25 * n_cells)
+    torch.testing.assert_close(draws[scored], inverse_share * everyone.expand_as(draws)[scored])
+    # ... so that the total's expectation is the full term's.
+    relative_error = (draws.sum(-1).mean() - everyone.sum()).abs() / everyone.sum().abs()
+    assert relative_error < 0.04
 
 
 def test_latent_library_size(screen):

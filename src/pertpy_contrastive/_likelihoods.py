@@ -251,3 +251,22 @@ def count_distribution(
     if likelihood == "nb":
         return NegativeBinomial(mean, theta)
     return ZeroInflatedNegativeBinomial(mean, theta, gate_logits)
+
+
+def log_prob_up_to_count_terms(
+    likelihood: Likelihood,
+    mean: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor,
+    counts: torch.Tensor,
+) -> torch.Tensor:
+    """Per cell, ``count_distribution(...).log_prob(counts)`` less the terms free of the mean.
+
+    Those terms (``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``) depend on the counts and
+    theta alone, so with theta held fixed they send no gradient; a term that is only trained
+    through the mean and the gate skips them.
+    """
+    if likelihood == "poisson":
+        return (torch.xlogy(counts, mean) - mean).sum(-1)
+    gate_logits = gate_logits if likelihood == "zinb" else None
+    return _DenseLogLikelihood.apply(counts, mean, theta, gate_logits)

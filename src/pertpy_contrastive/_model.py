@@ -153,8 +153,12 @@ class ContrastiveVAE(
         too, so that the decoder's salient pathway learns from controls as well as perturbed
         cells and fits the noise of every training cell alike; perturbed training cells then
         sit where training controls sit. Best with ``independence_weight=10``, which keeps the
-        background it lets into the salient latent out. About one more decoder pass per step
+        background it lets into the salient latent out. Costs one more decoder pass per step
         (docs/benchmarks.md, "Controls read as perturbed" and "The decoder's half").
+    counterfactual_share
+        Share of each step's cells that the pass of ``counterfactual_controls`` decodes, chosen
+        at random; the controls among them are scored, weighted so that the term's expectation
+        does not change. Lower is faster, and noisier.
     seed
         Seed of the initial network weights (training has its own seed, see :meth:`train`).
     modality
@@ -193,6 +197,7 @@ class ContrastiveVAE(
         independence_weight: float = 0.0,
         salient_cross_fitting: bool = False,
         counterfactual_controls: bool | Literal["decoder"] = False,
+        counterfactual_share: float = 1.0,
         seed: int = 0,
         modality: str = "rna",
     ):
@@ -236,6 +241,7 @@ class ContrastiveVAE(
                 independence_weight=independence_weight,
                 salient_cross_fitting=salient_cross_fitting,
                 counterfactual_controls=counterfactual_controls,
+                counterfactual_share=counterfactual_share,
             )
         self._model_summary_string = (
             f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "

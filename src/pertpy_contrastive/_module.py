@@ -36,7 +36,8 @@ posterior is its prior and the escaper branch carries no salient term (see
 the prior, centred on 0; an opt-in Wasserstein penalty pulls it further, to the point mass at 0.
 With ``counterfactual_controls``, a control's counts are also scored with its own s through the
 decoder held fixed, a term that trains the salient encoder only, so that it reads every cell alike
-(with ``"decoder"``, it trains the decoder too, so that the decoder fits every cell's noise alike).
+(with ``"decoder"``, it trains the decoder too, so that the decoder fits every cell's noise alike;
+``counterfactual_share`` decodes a random share of each step's cells, to save time).
 A per-step MMD between controls' and perturbed cells' background latents keeps perturbation
 effects out of z; an opt-in HSIC penalty between perturbed cells' s and z keeps background out
 of s; with ``background_from_controls`` (set by the responder model) only controls
@@ -66,7 +67,7 @@ from ._constants import (
     TARGET_KEY,
     CellGroup,
 )
-from ._likelihoods import LIKELIHOODS, Likelihood, count_distribution
+from ._likelihoods import LIKELIHOODS, Likelihood, count_distribution, log_prob_up_to_count_terms
 
 _TINY = 1e-30
 SALIENT_EFFECTS = ("nonlinear", "additive")
@@ -154,6 +155,10 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         ``True``: controls also train the salient encoder; each control's counts are
         reconstructed from its own salient latent through the decoder held fixed (see
         ``model``). ``"decoder"``: the same term trains the decoder too. ``False``: off.
+    counterfactual_share
+        Share of each step's cells that the counterfactual pass decodes (a random subset; its
+        controls are scored, each weighted by the inverse of the share, so that the term's
+        expectation is the same).
     """
 
     def __init__(
@@ -183,12 +188,17 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         independence_weight: float = 0.0,
         salient_cross_fitting: bool = False,
         counterfactual_controls: bool | Literal["decoder"] = False,
+        counterfactual_share: float = 1.0,
     ):
         super().__init__()
         if counterfactual_controls not in COUNTERFACTUAL_CONTROLS:
             raise ValueError(
                 f"counterfactual_controls must be one of {COUNTERFACTUAL_CONTROLS}, got "
                 f"{counterfactual_controls!r}."
+            )
+        if not 0.0 < counterfactual_share <= 1.0:
+            raise ValueError(
+                f"counterfactual_share must be in (0, 1], got {counterfactual_share!r}."
             )
         if salient_effect not in SALIENT_EFFECTS:
             raise ValueError(
@@ -210,6 +220,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         self.independence_weight = independence_weight
         self.salient_cross_fitting = salient_cross_fitting
         self.counterfactual_controls = counterfactual_controls
+        self.counterfactual_share = counterfactual_share
         # A buffer, so that a saved model keeps the value it was trained with.
         self.register_buffer("encoder_library_size", torch.tensor(float(encoder_library_size)))
 
@@ -357,43 +368,9 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                     "log_library", dist.Normal(prior_loc, prior_scale).to_event(1)
                 )
             if self.counterfactual_controls:
-                # A control is decoded at s = 0, so the ELBO alone pulls its q(s | x) to the
-                # prior and the salient encoder learns to recognise the training controls:
-                # they sit near 0 while held-out controls and perturbed cells do not. Here each
-                # control's counts are also scored as if it were perturbed, decoded with its own
-                # s through the decoder and z held fixed, so that the term trains the salient
-                # encoder only. The encoder then reads every cell alike and has nothing to gain
-                # from telling training controls apart; the decoder still learns the controls
-                # at s = 0 (docs/benchmarks.md, "Controls read as perturbed").
-                is_control = (group == CellGroup.BACKGROUND).to(x.dtype)
-                # With "decoder" the term trains the decoder too. The decoder otherwise learns
-                # the s pathway from perturbed training cells alone and fits their noise through
-                # it; trained on the controls' s as well, it fits every training cell's noise
-                # alike, so a perturbed training cell no longer sits apart from a control
-                # (docs/benchmarks.md, "The decoder's half"). z stays detached: the
-                # controls' z is trained by the ELBO to explain them at s = 0.
-                # Every cell goes through, so that batch normalisation sees a whole minibatch.
-                # With "decoder" this is a training pass of the decoder, so its inputs update
-                # the running statistics too, as the ELBO's pass does.
-                rate, gate_logits = self._decode(
-                    z.detach(),
-                    s,
-                    cont_covs,
-                    log_library,
-                    covariates,
-                    frozen=self.counterfactual_controls != "decoder",
+                self._score_controls_counterfactually(
+                    x, z, s, group, cont_covs, log_library, covariates, cell_weight
                 )
-                counterfactual = count_distribution(
-                    self.likelihood,
-                    rate,
-                    self.log_inverse_dispersion.detach().exp(),
-                    gate_logits,
-                ).log_prob(x)
-                pyro.factor("control_counterfactual", counterfactual * is_control)
-                # Not part of the ELBO: logged apart, as what it adds to the step's loss (the
-                # guide, which Trace_ELBO runs first, has just reset the step's terms).
-                added = -(_scale(cell_weight) * counterfactual * is_control).sum().detach()
-                self.last_penalties = {**self.last_penalties, "control_counterfactual": added}
             if not self.responder and responder_weight is None:
                 # Every target cell responds; controls carry no perturbation (s' = 0).
                 used_salient = s * is_target.unsqueeze(-1)
@@ -443,6 +420,70 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 (is_target.nonzero(as_tuple=True)[0],), target_log_likelihood
             )
             pyro.factor("counts", marginal)
+
+    def _score_controls_counterfactually(
+        self, x, z, s, group, cont_covs, log_library, covariates, cell_weight
+    ):
+        """Score controls' counts as if they were perturbed, decoded with their own s.
+
+        A control is decoded at s = 0, so the ELBO alone pulls its q(s | x) to the prior and the
+        salient encoder learns to recognise the training controls: they sit near 0 while
+        held-out controls and perturbed cells do not. This term, called inside the model's cell
+        plate, scores each control's counts decoded with its own s and z held fixed, so that it
+        trains the salient encoder only. The encoder then reads every cell alike and has
+        nothing to gain from telling training controls apart; the decoder still learns the
+        controls at s = 0 (docs/benchmarks.md, "Controls read as perturbed").
+
+        With ``"decoder"`` the term trains the decoder too. The decoder otherwise learns the s
+        pathway from perturbed training cells alone and fits their noise through it; trained
+        on the controls' s as well, it fits every training cell's noise alike, so a perturbed
+        training cell no longer sits apart from a control (docs/benchmarks.md, "The decoder's
+        half"). z stays detached: the controls' z is trained by the ELBO to explain them at
+        s = 0. With "decoder" this is a training pass of the decoder, so its inputs update the
+        batch-norm running statistics too, as the ELBO's pass does.
+
+        Every cell of the step goes through the decoder, so that batch normalisation sees the
+        whole population (a pass over the controls alone normalised them apart from the perturbed
+        cells, and training escapers sat further from training controls: docs/benchmarks.md,
+        "The decoder's half"); only the controls among them are scored. With
+        ``counterfactual_share`` below 1, a random share of the step's cells goes through,
+        and each control scored is weighted by the inverse of the share, which keeps the term's
+        expectation: the pass's cost grows with the rows it decodes.
+        """
+        n_cells = x.shape[0]
+        n_decoded = max(2, round(self.counterfactual_share * n_cells))
+        if n_decoded >= n_cells:
+            decoded = torch.arange(n_cells, device=x.device)
+        else:
+            decoded = torch.randperm(n_cells, device=x.device)[:n_decoded]
+        is_control = group[decoded] == CellGroup.BACKGROUND
+        if n_cells < 2 or not is_control.any():
+            return
+        rate, gate_logits = self._decode(
+            z.detach()[decoded],
+            s[decoded],
+            cont_covs[decoded],
+            log_library[decoded],
+            [covariate[decoded] for covariate in covariates],
+            frozen=self.counterfactual_controls != "decoder",
+        )
+        # theta is held fixed, so the count-only terms of the likelihood would add a constant.
+        counterfactual = log_prob_up_to_count_terms(
+            self.likelihood,
+            rate[is_control],
+            self.log_inverse_dispersion.detach().exp(),
+            gate_logits[is_control],
+            x[decoded[is_control]],
+        )
+        inverse_share = n_cells / decoded.numel()
+        per_cell = x.new_zeros(n_cells).index_put(
+            (decoded[is_control],), counterfactual * inverse_share
+        )
+        pyro.factor("control_counterfactual", per_cell)
+        # Not part of the ELBO: logged apart, as what it adds to the step's loss (the guide,
+        # which Trace_ELBO runs first, has just reset the step's terms).
+        added = -(_scale(cell_weight) * per_cell).sum().detach()
+        self.last_penalties = {**self.last_penalties, "control_counterfactual": added}
 
     def _salient_posterior(self, x, group, batch_index, cat_covs, cont_covs):
         """``(loc, scale)`` of q(s | x): the guide's for these very counts if it ran, else anew.
