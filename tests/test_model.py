@@ -234,7 +234,8 @@ def test_counterfactual_share_scores_the_controls_of_a_weighted_subset_alike(scr
     z = torch.randn(args.x.shape[0], module.n_background)
     s = torch.randn(args.x.shape[0], module.n_salient)
     log_library = args.x.sum(-1, keepdim=True).log()
-    n_controls = int((args.group == CellGroup.BACKGROUND).sum())
+    is_control = args.group == CellGroup.BACKGROUND
+    n_controls = int(is_control.sum())
     module.last_penalties = {}  # what the guide resets at every step
 
     def counterfactual_factor():
@@ -252,7 +253,6 @@ def test_counterfactual_share_scores_the_controls_of_a_weighted_subset_alike(scr
         return trace.trace.nodes["control_counterfactual"]["fn"].log_factor.detach()
 
     everyone = counterfactual_factor()
-    is_control = args.group == CellGroup.BACKGROUND
     assert (everyone[is_control] != 0).all()
     assert (everyone[~is_control] == 0).all()
     module.counterfactual_share = 0.25

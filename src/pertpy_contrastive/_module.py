@@ -451,13 +451,15 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         expectation: the pass's cost grows with the rows it decodes.
         """
         n_cells = x.shape[0]
+        if n_cells < 2:
+            return
         n_decoded = max(2, round(self.counterfactual_share * n_cells))
         if n_decoded >= n_cells:
             decoded = torch.arange(n_cells, device=x.device)
         else:
             decoded = torch.randperm(n_cells, device=x.device)[:n_decoded]
         is_control = group[decoded] == CellGroup.BACKGROUND
-        if n_cells < 2 or not is_control.any():
+        if not is_control.any():
             return
         rate, gate_logits = self._decode(
             z.detach()[decoded],
