@@ -270,6 +270,52 @@ def test_counterfactual_share_scores_the_controls_of_a_weighted_subset_alike(scr
     assert relative_error < 0.04
 
 
+@pytest.mark.parametrize("salient_effect", ["nonlinear", "additive"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_decoding_some_rows_equals_decoding_all_then_selecting(screen, salient_effect, frozen):
+    # The counterfactual pass normalises every row of the step but decodes the controls' genes
+    # only; in training mode (batch statistics) that must be the full decode, then a selection.
+    setup(screen)
+    model = pc.ContrastiveVAE(screen, n_hidden=16, salient_effect=salient_effect)
+    module = model.module.double().train()
+    tensors = next(iter(model._make_data_loader(adata=screen, batch_size=64)))
+    args, _ = module._get_fn_args_from_batch(tensors)
+    torch.manual_seed(0)
+    z = torch.randn(args.x.shape[0], module.n_background, dtype=torch.float64)
+    s = torch.randn(args.x.shape[0], module.n_salient, dtype=torch.float64, requires_grad=True)
+    log_library = args.x.double().sum(-1, keepdim=True).log()
+    rows = args.group == CellGroup.BACKGROUND
+    assert 0 < rows.sum() < rows.numel()
+
+    def decode(selected):
+        module.zero_grad()
+        s.grad = None
+        decoded = module._decode(
+            z,
+            s,
+            args.cont_covs.double(),
+            log_library,
+            covariates(args.batch_index, args.cat_covs),
+            frozen=frozen,
+            rows=selected,
+        )
+        if selected is None:
+            decoded = tuple(value[rows] for value in decoded)
+        (decoded[0].log().sum() + decoded[1].sum()).backward()
+        gradients = [s.grad.clone()]
+        gradients += [p.grad.clone() for p in module.decoder.parameters() if p.grad is not None]
+        return decoded, gradients
+
+    (rate, gate_logits), gradients = decode(None)
+    (rate_rows, gate_logits_rows), gradients_rows = decode(rows)
+    torch.testing.assert_close(rate_rows, rate)
+    torch.testing.assert_close(gate_logits_rows, gate_logits)
+    # A frozen decoder passes a gradient to s alone.
+    assert (len(gradients) == 1) == frozen
+    for expected, actual in zip(gradients, gradients_rows, strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
 def test_latent_library_size(screen):
     setup(screen, batch_key="batch")
     model = quick_train(pc.ContrastiveVAE(screen, use_observed_library=False))

@@ -442,10 +442,11 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         s = 0. With "decoder" this is a training pass of the decoder, so its inputs update the
         batch-norm running statistics too, as the ELBO's pass does.
 
-        Every cell of the step goes through the decoder, so that batch normalisation sees the
-        whole population (a pass over the controls alone normalised them apart from the perturbed
-        cells, and training escapers sat further from training controls: docs/benchmarks.md,
-        "The decoder's half"); only the controls among them are scored. With
+        Every cell of the step goes through the decoder's hidden layer, so that batch
+        normalisation sees the whole population (a pass over the controls alone normalised them
+        apart from the perturbed cells, and training escapers sat further from training
+        controls: docs/benchmarks.md, "The decoder's half"); only the controls among them go on
+        through the output layers over the genes, the pass's main cost, and are scored. With
         ``counterfactual_share`` below 1, a random share of the step's cells goes through,
         and each control scored is weighted by the inverse of the share, which keeps the term's
         expectation: the pass's cost grows with the rows it decodes.
@@ -468,13 +469,14 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             log_library[decoded],
             [covariate[decoded] for covariate in covariates],
             frozen=self.counterfactual_controls != "decoder",
+            rows=is_control,
         )
         # theta is held fixed, so the count-only terms of the likelihood would add a constant.
         counterfactual = log_prob_up_to_count_terms(
             self.likelihood,
-            rate[is_control],
+            rate,
             self.log_inverse_dispersion.detach().exp(),
-            gate_logits[is_control],
+            gate_logits,
             x[decoded[is_control]],
         )
         inverse_share = n_cells / decoded.numel()
@@ -576,32 +578,36 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         rate, _ = self._decode(z, s, cont_covs, z.new_zeros((z.shape[0], 1)), covariates)
         return rate
 
-    def _decode(self, z, s, cont_covs, log_library, covariates, frozen=False):
-        """Rates and zero-inflation logits; ``frozen`` sends no gradient into the decoder."""
+    def _decode(self, z, s, cont_covs, log_library, covariates, frozen=False, rows=None):
+        """Rates and zero-inflation logits.
+
+        ``frozen`` sends no gradient into the decoder. ``rows`` (a mask or indices) returns
+        those rows' rates only: the hidden layer still runs over every row, so that batch
+        normalisation normalises them with the whole step, but the output layers over the
+        genes, the costly part, run on the returned rows alone.
+        """
+        # DecoderSCVI.forward, called layer by layer so that the output layers can skip rows.
         decoder = self.decoder
+        layers = [decoder.px_decoder, decoder.px_scale_decoder, decoder.px_dropout_decoder]
         loadings = getattr(self, "salient_loadings", None)
         if frozen:
-            # Detached weights, and copies of the batch-norm statistics so that this extra pass
-            # does not update them.
-            state = {name: value.detach() for name, value in decoder.named_parameters()}
-            state |= {name: value.clone() for name, value in decoder.named_buffers()}
-
-            def decoder(*args):
-                return torch.func.functional_call(self.decoder, state, args)
-
+            layers = [_frozen(layer) for layer in layers]
             loadings = None if loadings is None else loadings.detach()
-        if self.salient_effect == "nonlinear":
-            decoder_input = torch.cat([z, s, cont_covs], dim=-1)
-            _, _, rate, gate_logits = decoder("gene", decoder_input, log_library, *covariates)
-            return rate, gate_logits
-        decoder_input = torch.cat([z, cont_covs], dim=-1)
-        background, _, _, gate_logits = decoder("gene", decoder_input, log_library, *covariates)
-        # Unit-norm directions: s then carries the size of the effect (in log fold change), so
-        # the responder prior's scale is on the same scale as the effects and cannot be
-        # undercut by rescaling the loadings.
-        loadings = F.normalize(loadings, dim=-1)
-        logits = background.clamp(min=_TINY).log() + s @ loadings
-        return torch.softmax(logits, dim=-1) * log_library.exp(), gate_logits
+        hidden_layer, proportions_layer, gate_layer = layers
+        additive = self.salient_effect == "additive"
+        decoder_input = torch.cat([z, cont_covs] if additive else [z, s, cont_covs], dim=-1)
+        hidden = hidden_layer(decoder_input, *covariates)
+        if rows is not None:
+            hidden, s, log_library = hidden[rows], s[rows], log_library[rows]
+        proportions = proportions_layer(hidden)
+        if additive:
+            # Unit-norm directions: s then carries the size of the effect (in log fold change),
+            # so the responder prior's scale is on the same scale as the effects and cannot be
+            # undercut by rescaling the loadings.
+            loadings = F.normalize(loadings, dim=-1)
+            logits = proportions.clamp(min=_TINY).log() + s @ loadings
+            proportions = torch.softmax(logits, dim=-1)
+        return log_library.exp() * proportions, gate_layer(hidden)
 
     # -- guide --------------------------------------------------------------------------------
 
@@ -818,3 +824,13 @@ def _load_legacy_state(state_dict, prefix, *args) -> None:
     state_dict.setdefault(
         f"{prefix}encoder_library_size", torch.tensor(LEGACY_ENCODER_LIBRARY_SIZE)
     )
+
+
+def _frozen(layer: nn.Module):
+    """``layer``, called with detached parameters and copies of its buffers.
+
+    No gradient reaches its weights, and its batch-norm running statistics stay as they are.
+    """
+    state = {name: value.detach() for name, value in layer.named_parameters()}
+    state |= {name: value.clone() for name, value in layer.named_buffers()}
+    return lambda *args: torch.func.functional_call(layer, state, args)
