@@ -34,16 +34,34 @@ def test_history_logs_the_elbo_and_each_penalty_apart(screen):
     """The monitored loss is the negative ELBO plus the penalties in use, each logged alone."""
     setup(screen, batch_key="batch")
     model = quick_train(pc.ContrastiveVAE(screen, wasserstein_weight=2.0), max_epochs=3)
+    penalty_names = (
+        "background_mmd",
+        "salient_wasserstein",
+        "salient_background_hsic",
+        "control_counterfactual",
+    )
     for stage in ("train", "validation"):
         terms = {
             name: model.history[f"{name}_{stage}"].to_numpy(dtype=float).ravel()
-            for name in ("loss", "elbo", "background_mmd", "salient_wasserstein")
+            for name in ("loss", "elbo", *penalty_names)
         }
-        assert (terms["background_mmd"] > 0).all() and (terms["salient_wasserstein"] > 0).all()
-        penalties = terms["background_mmd"] + terms["salient_wasserstein"]
+        for name in ("background_mmd", "salient_wasserstein", "salient_background_hsic"):
+            assert (terms[name] > 0).all(), name
+        # The controls' negative log-likelihood under their own s, less the count-only terms
+        # (which are <= 0 only together with them): positive.
+        assert (terms["control_counterfactual"] > 0).all()
+        penalties = sum(terms[name] for name in penalty_names)
         np.testing.assert_allclose(terms["loss"], terms["elbo"] + penalties, rtol=1e-5)
-    unpenalised = quick_train(pc.ContrastiveVAE(screen, background_mmd_weight=0.0), max_epochs=1)
-    assert not {"background_mmd_train", "salient_wasserstein_train"} & set(unpenalised.history)
+    unpenalised = quick_train(
+        pc.ContrastiveVAE(
+            screen,
+            background_mmd_weight=0.0,
+            independence_weight=0.0,
+            counterfactual_controls=False,
+        ),
+        max_epochs=1,
+    )
+    assert not {f"{name}_train" for name in penalty_names} & set(unpenalised.history)
 
 
 class _StepLosses(Callback):
@@ -493,7 +511,10 @@ def test_independence_penalty_is_logged_apart(screen):
 
 def test_counterfactual_controls_term_is_logged_apart_from_the_elbo(screen):
     setup(screen, batch_key="batch")
-    model = quick_train(pc.ContrastiveVAE(screen, counterfactual_controls=True), max_epochs=2)
+    model = quick_train(
+        pc.ContrastiveVAE(screen, counterfactual_controls=True, independence_weight=0.0),
+        max_epochs=2,
+    )
     for stage in ("train", "validation"):
         terms = {
             name: model.history[f"{name}_{stage}"].to_numpy(dtype=float).ravel()

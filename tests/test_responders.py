@@ -106,8 +106,16 @@ def test_loss_sums_the_responder_exactly(screen):
     screen = screen[:, :6].copy()
     screen = screen[np.asarray(screen.X.sum(1)).ravel() > 0].copy()
     setup(screen)
+    # The ELBO alone: the training penalties and the controls' counterfactual term are off.
     model = pc.ContrastiveVAE(
-        screen, n_hidden=8, n_salient=2, n_background=2, likelihood="nb", responder=True
+        screen,
+        n_hidden=8,
+        n_salient=2,
+        n_background=2,
+        likelihood="nb",
+        responder=True,
+        independence_weight=0,
+        counterfactual_controls=False,
     )
     module = model.module.double().eval()
     with torch.no_grad():
@@ -206,7 +214,14 @@ def test_refinement_loss_weights_the_two_reconstructions_by_the_fixed_responder_
     screen = screen[np.asarray(screen.X.sum(1)).ravel() > 0].copy()
     setup(screen)
     model = pc.ContrastiveVAE(
-        screen, n_hidden=8, n_salient=2, n_background=2, likelihood="nb", background_mmd_weight=0
+        screen,
+        n_hidden=8,
+        n_salient=2,
+        n_background=2,
+        likelihood="nb",
+        background_mmd_weight=0,
+        independence_weight=0,
+        counterfactual_controls=False,
     )
     module = model.module.double().eval()
     tensors = next(iter(model._make_data_loader(adata=screen, batch_size=64)))
@@ -254,13 +269,26 @@ def test_refinement_loss_weights_the_two_reconstructions_by_the_fixed_responder_
     torch.testing.assert_close(elbo_and_trace(torch.ones_like(weight))[0], plain)
 
 
+def _training_escaper_gap(adata, model) -> float:
+    """Mean salient norm of training escapers less that of training controls."""
+    norm = np.linalg.norm(model.get_latent_representation(kind="salient"), axis=1)
+    training = np.zeros(adata.n_obs, dtype=bool)
+    training[model.train_indices] = True
+    escapers = adata.obs["escaped"].to_numpy() & training
+    controls = (model.cell_groups == CellGroup.BACKGROUND) & training
+    return float(norm[escapers].mean() - norm[controls].mean())
+
+
+PLAIN_MODEL = {"counterfactual_controls": False, "independence_weight": 0.0}
+
+
 def test_responder_refinement_stops_the_salient_latent_fitting_escapers_noise():
     """Training escapers' salient latent moves to the training controls'; the stage is logged."""
     adata = strong_program_screen()
     setup(adata, batch_key="batch")
     gaps = {}
     for refinement in (0, 20):
-        model = pc.ContrastiveVAE(adata, seed=0)
+        model = pc.ContrastiveVAE(adata, seed=0, **PLAIN_MODEL)
         model.train(
             max_epochs=40,
             batch_size=64,
@@ -268,15 +296,23 @@ def test_responder_refinement_stops_the_salient_latent_fitting_escapers_noise():
             enable_progress_bar=False,
             n_epochs_responder_refinement=refinement,
         )
-        norm = np.linalg.norm(model.get_latent_representation(kind="salient"), axis=1)
-        training = np.zeros(adata.n_obs, dtype=bool)
-        training[model.train_indices] = True
-        escapers = adata.obs["escaped"].to_numpy() & training
-        controls = (model.cell_groups == CellGroup.BACKGROUND) & training
-        gaps[refinement] = norm[escapers].mean() - norm[controls].mean()
+        gaps[refinement] = _training_escaper_gap(adata, model)
         assert model.epochs_trained == 40 + refinement
     assert gaps[0] > 0.1, gaps
     assert gaps[20] < 0.5 * gaps[0], gaps
+
+
+def test_default_training_puts_training_escapers_where_training_controls_sit():
+    """The controls' counterfactual term removes the plain model's noise-fitting gap."""
+    adata = strong_program_screen()
+    setup(adata, batch_key="batch")
+    gaps = {}
+    for name, arguments in (("plain", PLAIN_MODEL), ("default", {})):
+        model = pc.ContrastiveVAE(adata, seed=0, **arguments)
+        model.train(max_epochs=40, batch_size=64, early_stopping=False, enable_progress_bar=False)
+        gaps[name] = _training_escaper_gap(adata, model)
+    assert gaps["plain"] > 0.1, gaps
+    assert abs(gaps["default"]) < 0.5 * gaps["plain"], gaps
 
 
 def test_responder_refinement_is_for_the_plain_model(screen):

@@ -52,6 +52,13 @@ LEARNING_RATE = 3e-3
 BACKGROUND_MMD_WEIGHT = 10.0
 """Weight of the penalty on differences between controls' and perturbed cells' background."""
 
+COUNTERFACTUAL_CONTROLS = "decoder"
+"""Controls also train the salient encoder and the decoder, each decoded with its own salient
+latent, so that noise fitting is the same for every training cell (docs/benchmarks.md)."""
+
+INDEPENDENCE_WEIGHT = 10.0
+"""Weight of the HSIC penalty that keeps background out of perturbed cells' salient latent."""
+
 RESPONDER_GENE_FDR = 0.05
 """Benjamini-Hochberg level at which a gene enters a target's responder effect."""
 

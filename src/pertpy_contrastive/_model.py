@@ -40,7 +40,9 @@ from scvi.train import LoudEarlyStopping, TrainRunner
 from ._calling import CallingMixin
 from ._constants import (
     BACKGROUND_MMD_WEIGHT,
+    COUNTERFACTUAL_CONTROLS,
     GROUP_KEY,
+    INDEPENDENCE_WEIGHT,
     INFERENCE_BATCH_SIZE,
     LATENT_KINDS,
     LEARNING_RATE,
@@ -135,28 +137,31 @@ class ContrastiveVAE(
         median total count of ``adata``, which keeps sequencing depth out of the latents (a
         fixed 1e4, the choice before, taught the salient latent depth on shallow data).
     independence_weight
-        Experimental, off (0) by default. Weight of a per-step penalty on the dependence (HSIC,
-        on standardised latents) between the perturbed cells' salient and background latents.
+        Weight of a per-step penalty on the dependence (HSIC, on standardised latents) between
+        the perturbed cells' salient and background latents (default 10; 0 turns it off).
         Guides are assigned at random, so a cell's perturbation effect is independent of its
-        background state; the penalty keeps background (subclone, cell cycle) out of the
-        salient latent, at some cost in program separation (docs/benchmarks.md, "Keeping the
-        background out of the salient latent").
+        background state; the penalty keeps background (subclone, cell cycle, library size)
+        out of the salient latent, at some cost in program separation (docs/benchmarks.md,
+        "Keeping the background out of the salient latent").
     salient_cross_fitting
         Experimental, off by default. Train two salient encoders, each on one half of the cells,
         and read every cell's salient latent with the encoder that never trained on it, so that
         the latent cannot fit a perturbed training cell's counting noise.
     counterfactual_controls
-        Experimental, off by default. Controls also train the salient encoder, each scored as
-        if it were perturbed (decoded with its own salient latent through the decoder held
-        fixed), so that the encoder reads every cell alike instead of recognising the training
-        controls and pulling only them to 0. ``"decoder"``: the same term trains the decoder
-        too, so that the decoder's salient pathway learns from controls as well as perturbed
-        cells and fits the noise of every training cell alike; perturbed training cells then
-        sit where training controls sit. Best with ``independence_weight=10``, which keeps the
-        background it lets into the salient latent out. Costs a second decoder pass over the
-        controls at each step: with ``"decoder"`` and ``independence_weight=10`` an epoch took
-        0.80 times ContrastiveVI's, against 0.70 with the defaults (docs/benchmarks.md,
-        "Controls read as perturbed" and "The decoder's half").
+        How controls train the salient pathway. A control is decoded without its salient latent,
+        so the ELBO alone pulls only training controls' salient latent to 0, while the decoder
+        learns its salient pathway from perturbed training cells and fits their noise through
+        it: perturbed training cells then sit apart from training controls even when nothing
+        perturbed them. ``"decoder"`` (the default) also scores each control decoded with its
+        own salient latent, a term that trains the salient encoder and the decoder, so that
+        noise fitting is the same for every training cell: training escapers sit where training
+        controls sit, and non-targeting guides look far less perturbed. Use it with
+        ``independence_weight`` (default 10), which keeps out the background that the term lets
+        into the salient latent. ``True`` trains the encoder only (the decoder held fixed);
+        ``False`` is the plain contrastive VAE. The term costs a second decoder pass over the
+        controls: an epoch takes 0.80 times ContrastiveVI's, against 0.70 with ``False`` and
+        ``independence_weight=0`` (docs/benchmarks.md, "Controls read as perturbed" and "The
+        decoder's half").
     counterfactual_share
         Share of each step's cells that the pass of ``counterfactual_controls`` decodes, chosen
         at random; the controls among them are scored, weighted so that the term's expectation
@@ -196,9 +201,9 @@ class ContrastiveVAE(
         responder_salient_scale: float | None = 0.25,
         salient_effect: Literal["nonlinear", "additive"] = "nonlinear",
         encoder_library_size: float | None = None,
-        independence_weight: float = 0.0,
+        independence_weight: float = INDEPENDENCE_WEIGHT,
         salient_cross_fitting: bool = False,
-        counterfactual_controls: bool | Literal["decoder"] = False,
+        counterfactual_controls: bool | Literal["decoder"] = COUNTERFACTUAL_CONTROLS,
         counterfactual_share: float = 1.0,
         seed: int = 0,
         modality: str = "rna",

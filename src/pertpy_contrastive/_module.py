@@ -61,7 +61,9 @@ from torch import nn
 from ._constants import (
     BACKGROUND_MMD_WEIGHT,
     CELL_WEIGHT_KEY,
+    COUNTERFACTUAL_CONTROLS,
     GROUP_KEY,
+    INDEPENDENCE_WEIGHT,
     LEGACY_ENCODER_LIBRARY_SIZE,
     RESPONDER_WEIGHT_KEY,
     TARGET_KEY,
@@ -71,7 +73,7 @@ from ._likelihoods import LIKELIHOODS, Likelihood, count_distribution, log_prob_
 
 _TINY = 1e-30
 SALIENT_EFFECTS = ("nonlinear", "additive")
-COUNTERFACTUAL_CONTROLS = (False, True, "decoder")
+COUNTERFACTUAL_CONTROLS_MODES = (False, True, "decoder")
 SalientEffect = Literal["nonlinear", "additive"]
 _MMD_KERNEL_WIDTHS = (0.25, 1.0, 4.0)  # squared widths per latent dimension
 
@@ -185,15 +187,15 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         salient_effect: SalientEffect = "nonlinear",
         background_from_controls: bool = False,
         encoder_library_size: float = LEGACY_ENCODER_LIBRARY_SIZE,
-        independence_weight: float = 0.0,
+        independence_weight: float = INDEPENDENCE_WEIGHT,
         salient_cross_fitting: bool = False,
-        counterfactual_controls: bool | Literal["decoder"] = False,
+        counterfactual_controls: bool | Literal["decoder"] = COUNTERFACTUAL_CONTROLS,
         counterfactual_share: float = 1.0,
     ):
         super().__init__()
-        if counterfactual_controls not in COUNTERFACTUAL_CONTROLS:
+        if counterfactual_controls not in COUNTERFACTUAL_CONTROLS_MODES:
             raise ValueError(
-                f"counterfactual_controls must be one of {COUNTERFACTUAL_CONTROLS}, got "
+                f"counterfactual_controls must be one of {COUNTERFACTUAL_CONTROLS_MODES}, got "
                 f"{counterfactual_controls!r}."
             )
         if not 0.0 < counterfactual_share <= 1.0:
