@@ -47,8 +47,8 @@ def test_history_logs_the_elbo_and_each_penalty_apart(screen):
         }
         for name in ("background_mmd", "salient_wasserstein", "salient_background_hsic"):
             assert (terms[name] > 0).all(), name
-        # The controls' negative log-likelihood under their own s, less the count-only terms
-        # (which are <= 0 only together with them): positive.
+        # The controls' negative log-likelihood under their own s, without the count-only terms:
+        # what remains of each NB / ZINB log-probability is <= 0, so the term is positive.
         assert (terms["control_counterfactual"] > 0).all()
         penalties = sum(terms[name] for name in penalty_names)
         np.testing.assert_allclose(terms["loss"], terms["elbo"] + penalties, rtol=1e-5)

@@ -159,9 +159,9 @@ class ContrastiveVAE(
         ``independence_weight`` (default 10), which keeps out the background that the term lets
         into the salient latent. ``True`` trains the encoder only (the decoder held fixed);
         ``False`` is the plain contrastive VAE. The term costs a second decoder pass over the
-        controls: an epoch takes 0.80 times ContrastiveVI's, against 0.70 with ``False`` and
-        ``independence_weight=0`` (docs/benchmarks.md, "Controls read as perturbed" and "The
-        decoder's half").
+        controls: at 10,000 cells an epoch takes 0.80 times ContrastiveVI's, against 0.70 with
+        ``False`` and ``independence_weight=0`` (docs/benchmarks.md, "The defaults from
+        0.2.0").
     counterfactual_share
         Share of each step's cells that the pass of ``counterfactual_controls`` decodes, chosen
         at random; the controls among them are scored, weighted so that the term's expectation
