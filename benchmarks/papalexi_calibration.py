@@ -110,6 +110,7 @@ def main():
         lines.append(
             f"| {check_name} | {level:g} | {row['observed']:.3f} | {int(row['n'])} | {ks} |"
         )
+    lines += ["", *pseudo_target_table(args.check_seeds, checks, anchors)]
     pseudo = [
         f"seed {seed}: {', '.join(sorted(set(c.p_values['pseudo_target'])))}"
         for seed, c in zip(args.check_seeds, checks, strict=True)
@@ -162,6 +163,34 @@ def main():
         "pseudo-target cells per seed called KO is in the last row."
     )
     write_results(args.output, "Papalexi negative-control calibration", command, header, lines)
+
+
+def pseudo_target_table(check_seeds, checks, anchors):
+    """Markdown rows: each pseudo-target's p-value in every distance test, per check seed.
+
+    Shows whether the model's every-cell calls are the pseudo-targets that PCA of the counts
+    sets apart too (the data's) or others (the model's).
+    """
+    p_values = pd.concat(
+        [
+            pd.concat([check.p_values, anchor]).assign(check_seed=seed)
+            for seed, check, anchor in zip(check_seeds, checks, anchors, strict=True)
+        ]
+    )
+    p_values = p_values[p_values["test"] != "differential_expression"]
+    wide = p_values.pivot_table(
+        index=["check_seed", "pseudo_target"], columns="test", values="p_value", sort=False
+    )
+    lines = [
+        "Each pseudo-target's p-value in each distance test (below 0.05 in bold).",
+        "",
+        "| check seed | pseudo-target | " + " | ".join(wide.columns) + " |",
+        "|---|---|" + "---|" * len(wide.columns),
+    ]
+    for (seed, pseudo_target), row in wide.iterrows():
+        cells = [f"**{p:.3f}**" if p < 0.05 else f"{p:.3f}" for p in row]
+        lines.append(f"| {seed} | {pseudo_target} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def summarise(p_values, levels=(0.01, 0.05, 0.1)):

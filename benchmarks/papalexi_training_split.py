@@ -94,6 +94,9 @@ def main():
     parser.add_argument("--model", default="{}", help="JSON of ContrastiveVAE arguments")
     parser.add_argument("--seed", type=int, default=0, help="model seed")
     parser.add_argument(
+        "--train", default="{}", help="JSON of further ContrastiveVAE.train arguments"
+    )
+    parser.add_argument(
         "--output", type=Path, default=Path("docs/benchmark_papalexi_training_split.md")
     )
     args = parser.parse_args()
@@ -105,7 +108,9 @@ def main():
         data, perturbation_key="perturbation", control=CONTROL, batch_key="replicate"
     )
     model = pc.ContrastiveVAE(data, seed=args.seed, **json.loads(args.model))
-    model.train(train_size=0.75, seed=args.seed, enable_progress_bar=False)
+    model.train(
+        train_size=0.75, seed=args.seed, enable_progress_bar=False, **json.loads(args.train)
+    )
     data.obsm["X_salient"] = model.get_latent_representation(kind="salient")
     normalised = data.copy()
     sc.pp.normalize_total(normalised, target_sum=1e4)
@@ -194,13 +199,14 @@ def main():
     command = (
         "`.venv/bin/python benchmarks/papalexi_training_split.py"
         + (f" --model '{args.model}'" if json.loads(args.model) else "")
+        + (f" --train '{args.train}'" if json.loads(args.train) else "")
         + (f" --seed {args.seed}" if args.seed else "")
         + f" --output {args.output}`"
     )
     header = (
         f"Bundled Papalexi 2021 THP-1 subset, {data.n_obs} labelled cells; pseudo-targets "
         f"{', '.join(PSEUDO_GUIDES)}; model seed {args.seed}, model arguments {args.model}, "
-        "train_size 0.75, early stopping. Every pseudo-target is null: a small p-value is a "
+        f"further train arguments {args.train}, train_size 0.75, early stopping. Every pseudo-target is null: a small p-value is a "
         "false positive."
     )
     write_results(

@@ -251,24 +251,12 @@ def test_counterfactual_share_scores_the_controls_of_a_weighted_subset_alike(scr
     torch.manual_seed(0)
     z = torch.randn(args.x.shape[0], module.n_background)
     s = torch.randn(args.x.shape[0], module.n_salient)
-    log_library = args.x.sum(-1, keepdim=True).log()
     is_control = args.group == CellGroup.BACKGROUND
     n_controls = int(is_control.sum())
     module.last_penalties = {}  # what the guide resets at every step
 
     def counterfactual_factor():
-        with pyro.poutine.trace() as trace, pyro.plate("cells", args.x.shape[0]):
-            module._score_controls_counterfactually(
-                args.x,
-                z,
-                s,
-                args.group,
-                args.cont_covs,
-                log_library,
-                covariates(args.batch_index, args.cat_covs),
-                None,
-            )
-        return trace.trace.nodes["control_counterfactual"]["fn"].log_factor.detach()
+        return _counterfactual_factor(module, args, z, s, None)
 
     everyone = counterfactual_factor()
     assert (everyone[is_control] != 0).all()
@@ -286,6 +274,57 @@ def test_counterfactual_share_scores_the_controls_of_a_weighted_subset_alike(scr
     # ... so that the total's expectation is the full term's.
     relative_error = (draws.sum(-1).mean() - everyone.sum()).abs() / everyone.sum().abs()
     assert relative_error < 0.04
+
+
+def _counterfactual_factor(module, args, z, s, responder_weight):
+    """Per-cell factor of the counterfactual term, for one minibatch and fixed latents."""
+    with pyro.poutine.trace() as trace, pyro.plate("cells", args.x.shape[0]):
+        module._score_controls_counterfactually(
+            args.x,
+            z,
+            s,
+            args.group,
+            args.cont_covs,
+            args.x.sum(-1, keepdim=True).log(),
+            covariates(args.batch_index, args.cat_covs),
+            None,
+            responder_weight,
+        )
+    return trace.trace.nodes["control_counterfactual"]["fn"].log_factor.detach()
+
+
+def test_refinement_scores_a_target_cell_like_a_control_by_its_probability_of_not_responding(
+    screen,
+):
+    setup(screen)
+    model = pc.ContrastiveVAE(screen, n_hidden=16, counterfactual_controls="decoder")
+    module = model.module.eval()  # batch norm at its running statistics: rows do not interact
+    tensors = next(iter(model._make_data_loader(adata=screen, batch_size=256)))
+    args, _ = module._get_fn_args_from_batch(tensors)
+    torch.manual_seed(0)
+    n_cells = args.x.shape[0]
+    z = torch.randn(n_cells, module.n_background)
+    s = torch.randn(n_cells, module.n_salient)
+    is_control = args.group == CellGroup.BACKGROUND
+    is_target = args.group == CellGroup.TARGET
+    module.last_penalties = {}
+    assert is_control.any() and is_target.any()
+
+    controls_only = _counterfactual_factor(module, args, z, s, None)
+    every_cell_a_control = _counterfactual_factor(module, args, z, s, torch.zeros(n_cells))
+    responder_weight = torch.rand(n_cells)
+    refined = _counterfactual_factor(module, args, z, s, responder_weight)
+    assert (controls_only[is_target] == 0).all()
+    assert (every_cell_a_control[is_target] != 0).all()
+    # Controls are scored as before, whatever the targets' weights ...
+    torch.testing.assert_close(every_cell_a_control[is_control], controls_only[is_control])
+    torch.testing.assert_close(refined[is_control], controls_only[is_control])
+    # ... and a target cell by its probability of being a non-responder.
+    torch.testing.assert_close(
+        refined[is_target], (1 - responder_weight[is_target]) * every_cell_a_control[is_target]
+    )
+    all_respond = _counterfactual_factor(module, args, z, s, torch.ones(n_cells))
+    assert (all_respond[is_target] == 0).all()
 
 
 @pytest.mark.parametrize("salient_effect", ["nonlinear", "additive"])

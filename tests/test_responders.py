@@ -315,6 +315,33 @@ def test_default_training_puts_training_escapers_where_training_controls_sit():
     assert abs(gaps["default"]) < 0.5 * gaps["plain"], gaps
 
 
+def test_refinement_with_the_defaults_trains_non_responders_like_controls_without_collapse():
+    """With the controls' counterfactual term, refined non-responders get it too.
+
+    Without it, refinement with the defaults collapsed the salient latent: non-responders' s
+    was pulled to the prior while controls' kept fitting noise through the decoder.
+    """
+    adata = strong_program_screen()
+    setup(adata, batch_key="batch")
+    model = pc.ContrastiveVAE(adata, seed=0)
+    model.train(
+        max_epochs=40,
+        batch_size=64,
+        early_stopping=False,
+        enable_progress_bar=False,
+        n_epochs_responder_refinement=20,
+    )
+    norm = np.linalg.norm(model.get_latent_representation(kind="salient"), axis=1)
+    training = np.zeros(adata.n_obs, dtype=bool)
+    training[model.train_indices] = True
+    controls = (model.cell_groups == CellGroup.BACKGROUND) & training
+    escapers = adata.obs["escaped"].to_numpy() & training
+    responders = adata.obs["responder"].to_numpy() & training
+    assert norm[controls].mean() > 0.5, norm[controls].mean()
+    assert abs(norm[escapers].mean() - norm[controls].mean()) < 0.2
+    assert norm[responders].mean() > norm[escapers].mean() + 0.2
+
+
 def test_responder_refinement_is_for_the_plain_model(screen):
     setup(screen)
     model = pc.ContrastiveVAE(screen, n_hidden=8, responder=True)

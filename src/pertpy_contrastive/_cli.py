@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=(
             "experimental: after training, N more epochs in which cells called non-responders "
-            "are decoded like controls (ContrastiveVAE.train's n_epochs_responder_refinement; "
+            "are trained like controls (ContrastiveVAE.train's n_epochs_responder_refinement; "
             "default: 0, off)"
         ),
     )

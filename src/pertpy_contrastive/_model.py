@@ -406,8 +406,10 @@ class ContrastiveVAE(
             Experimental, plain model only: after training, compute each training cell's
             responder probability with :meth:`get_responder_probability` (on the training cells
             alone) and train this many more epochs with it as the fixed posterior of the
-            responder variable. A cell called a non-responder is then decoded without its
-            salient latent, like a control, so its salient latent no longer fits its noise. The
+            responder variable. A cell called a non-responder is then trained like a control:
+            decoded without its salient latent and, with ``counterfactual_controls``, also with
+            it, through the controls' counterfactual term, so its salient latent no longer fits
+            its noise. The
             validation loss of these epochs is the ordinary one, and they do not stop early.
             ``0`` (the default) skips the stage.
         early_stopping

@@ -37,7 +37,9 @@ the prior, centred on 0; an opt-in Wasserstein penalty pulls it further, to the 
 With ``counterfactual_controls``, a control's counts are also scored with its own s through the
 decoder held fixed, a term that trains the salient encoder only, so that it reads every cell alike
 (with ``"decoder"``, it trains the decoder too, so that the decoder fits every cell's noise alike;
-``counterfactual_share`` decodes a random share of each step's cells, to save time).
+``counterfactual_share`` decodes a random share of each step's cells, to save time). During
+responder refinement a target cell gets this term too, weighted by 1 - q(y = 1), as it gets a
+control's reconstruction.
 A per-step MMD between controls' and perturbed cells' background latents keeps perturbation
 effects out of z; an opt-in HSIC penalty between perturbed cells' s and z keeps background out
 of s; with ``background_from_controls`` (set by the responder model) only controls
@@ -371,7 +373,15 @@ class ContrastivePyroModule(PyroBaseModuleClass):
                 )
             if self.counterfactual_controls:
                 self._score_controls_counterfactually(
-                    x, z, s, group, cont_covs, log_library, covariates, cell_weight
+                    x,
+                    z,
+                    s,
+                    group,
+                    cont_covs,
+                    log_library,
+                    covariates,
+                    cell_weight,
+                    responder_weight,
                 )
             if not self.responder and responder_weight is None:
                 # Every target cell responds; controls carry no perturbation (s' = 0).
@@ -424,7 +434,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             pyro.factor("counts", marginal)
 
     def _score_controls_counterfactually(
-        self, x, z, s, group, cont_covs, log_library, covariates, cell_weight
+        self, x, z, s, group, cont_covs, log_library, covariates, cell_weight, responder_weight
     ):
         """Score controls' counts as if they were perturbed, decoded with their own s.
 
@@ -452,6 +462,13 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         ``counterfactual_share`` below 1, a random share of the step's cells goes through,
         and each control scored is weighted by the inverse of the share, which keeps the term's
         expectation: the pass's cost grows with the rows it decodes.
+
+        During responder refinement (``responder_weight`` given), a target cell is a control
+        with probability 1 - q(y = 1), and it gets the control's term with that weight too. A
+        non-responder is then trained exactly like a control. Without it, the decoder fits the
+        noise of controls through s but not that of training non-responders, whose s the ELBO
+        pulls to the prior: the salient latent collapsed, and training non-targeting cells
+        still sat apart from training controls (docs/benchmarks.md, "Responder refinement").
         """
         n_cells = x.shape[0]
         if n_cells < 2:
@@ -461,8 +478,13 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             decoded = torch.arange(n_cells, device=x.device)
         else:
             decoded = torch.randperm(n_cells, device=x.device)[:n_decoded]
-        is_control = group[decoded] == CellGroup.BACKGROUND
-        if not is_control.any():
+        like_control = (group == CellGroup.BACKGROUND).to(x.dtype)
+        if responder_weight is not None:
+            is_target = group == CellGroup.TARGET
+            like_control = torch.where(is_target, 1.0 - responder_weight, like_control)
+        like_control = like_control[decoded]
+        scored = like_control > 0
+        if not scored.any():
             return
         rate, gate_logits = self._decode(
             z.detach()[decoded],
@@ -471,7 +493,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             log_library[decoded],
             [covariate[decoded] for covariate in covariates],
             frozen=self.counterfactual_controls != "decoder",
-            rows=is_control,
+            rows=scored,
         )
         # theta is held fixed, so the count-only terms of the likelihood would add a constant.
         counterfactual = log_prob_up_to_count_terms(
@@ -479,11 +501,11 @@ class ContrastivePyroModule(PyroBaseModuleClass):
             rate,
             self.log_inverse_dispersion.detach().exp(),
             gate_logits,
-            x[decoded[is_control]],
+            x[decoded[scored]],
         )
         inverse_share = n_cells / decoded.numel()
         per_cell = x.new_zeros(n_cells).index_put(
-            (decoded[is_control],), counterfactual * inverse_share
+            (decoded[scored],), counterfactual * like_control[scored] * inverse_share
         )
         pyro.factor("control_counterfactual", per_cell)
         # Not part of the ELBO: logged apart, as what it adds to the step's loss (the guide,
