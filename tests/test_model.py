@@ -242,7 +242,8 @@ def test_counterfactual_share_out_of_range(screen, share):
         pc.ContrastiveVAE(screen, counterfactual_controls="decoder", counterfactual_share=share)
 
 
-def test_counterfactual_share_scores_the_controls_of_a_weighted_subset_alike(screen):
+def _counterfactual_inputs(screen):
+    """A module in eval mode, one minibatch's arguments and fixed random latents for it."""
     setup(screen)
     model = pc.ContrastiveVAE(screen, n_hidden=16, counterfactual_controls="decoder")
     module = model.module.eval()  # batch norm at its running statistics: rows do not interact
@@ -251,9 +252,14 @@ def test_counterfactual_share_scores_the_controls_of_a_weighted_subset_alike(scr
     torch.manual_seed(0)
     z = torch.randn(args.x.shape[0], module.n_background)
     s = torch.randn(args.x.shape[0], module.n_salient)
+    module.last_penalties = {}  # what the guide resets at every step
+    return module, args, z, s
+
+
+def test_counterfactual_share_scores_the_controls_of_a_weighted_subset_alike(screen):
+    module, args, z, s = _counterfactual_inputs(screen)
     is_control = args.group == CellGroup.BACKGROUND
     n_controls = int(is_control.sum())
-    module.last_penalties = {}  # what the guide resets at every step
 
     def counterfactual_factor():
         return _counterfactual_factor(module, args, z, s, None)
@@ -296,18 +302,10 @@ def _counterfactual_factor(module, args, z, s, responder_weight):
 def test_refinement_scores_a_target_cell_like_a_control_by_its_probability_of_not_responding(
     screen,
 ):
-    setup(screen)
-    model = pc.ContrastiveVAE(screen, n_hidden=16, counterfactual_controls="decoder")
-    module = model.module.eval()  # batch norm at its running statistics: rows do not interact
-    tensors = next(iter(model._make_data_loader(adata=screen, batch_size=256)))
-    args, _ = module._get_fn_args_from_batch(tensors)
-    torch.manual_seed(0)
+    module, args, z, s = _counterfactual_inputs(screen)
     n_cells = args.x.shape[0]
-    z = torch.randn(n_cells, module.n_background)
-    s = torch.randn(n_cells, module.n_salient)
     is_control = args.group == CellGroup.BACKGROUND
     is_target = args.group == CellGroup.TARGET
-    module.last_penalties = {}
     assert is_control.any() and is_target.any()
 
     controls_only = _counterfactual_factor(module, args, z, s, None)
