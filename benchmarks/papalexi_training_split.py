@@ -206,8 +206,8 @@ def main():
     header = (
         f"Bundled Papalexi 2021 THP-1 subset, {data.n_obs} labelled cells; pseudo-targets "
         f"{', '.join(PSEUDO_GUIDES)}; model seed {args.seed}, model arguments {args.model}, "
-        f"further train arguments {args.train}, train_size 0.75, early stopping. Every pseudo-target is null: a small p-value is a "
-        "false positive."
+        f"further train arguments {args.train}, train_size 0.75, early stopping. Every "
+        "pseudo-target is null: a small p-value is a false positive."
     )
     write_results(
         args.output, "Salient latent of training and held-out cells", command, header, lines

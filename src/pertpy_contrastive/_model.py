@@ -409,8 +409,8 @@ class ContrastiveVAE(
             responder variable. A cell called a non-responder is then trained like a control:
             decoded without its salient latent and, with ``counterfactual_controls``, also with
             it, through the controls' counterfactual term, so its salient latent no longer fits
-            its noise. The
-            validation loss of these epochs is the ordinary one, and they do not stop early.
+            its noise. The validation loss of these epochs is the ordinary one, and they do not
+            stop early.
             ``0`` (the default) skips the stage.
         early_stopping
             Stop when the validation ELBO has not improved for ``early_stopping_patience``

@@ -468,7 +468,8 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         non-responder is then trained exactly like a control. Without it, the decoder fits the
         noise of controls through s but not that of training non-responders, whose s the ELBO
         pulls to the prior: the salient latent collapsed, and training non-targeting cells
-        still sat apart from training controls (docs/benchmarks.md, "Responder refinement").
+        still sat apart from training controls (docs/benchmarks.md, "Refinement trains
+        non-responders like controls").
         """
         n_cells = x.shape[0]
         if n_cells < 2:
