@@ -95,3 +95,30 @@ def test_calibration_check_needs_a_control_guide_left(screen_with_control_guides
         )
     with pytest.raises(KeyError, match="guide_key"):
         pc.tl.calibration_check(screen_with_control_guides, guide_key="missing", control=CONTROL)
+
+
+def test_calibration_check_tests_the_cross_fitted_latent_on_request(screen_with_control_guides):
+    adata = screen_with_control_guides
+    columns, obsm_keys = list(adata.obs.columns), set(adata.obsm)
+    check = pc.tl.calibration_check(
+        adata,
+        guide_key="guide",
+        control=CONTROL,
+        keep_targets=False,
+        batch_key="batch",
+        train_kwargs={"max_epochs": 10, "batch_size": 16, "early_stopping": False},
+        n_perms=100,
+        cross_fitting_folds=2,
+    )
+    assert list(adata.obs.columns) == columns and set(adata.obsm) == obsm_keys
+    pseudo_targets = check.p_values.loc[
+        check.p_values["test"] == "DistanceTest, salient latent", "pseudo_target"
+    ]
+    for test in (
+        "DistanceTest, cross-fitted salient latent",
+        "distance_test, cross-fitted salient latent, within folds",
+    ):
+        tested = check.p_values[check.p_values["test"] == test]
+        assert list(tested["pseudo_target"]) == list(pseudo_targets)
+        assert tested["p_value"].between(0, 1).all()
+        assert f"{test}: p-values below level" in set(check.summary["check"])

@@ -53,6 +53,8 @@ def test_run_writes_every_output_the_model_and_the_run_record(screen_file, tmp_p
         3,
         "--responder-refinement",
         2,
+        "--cross-fitting-folds",
+        2,
     )
     assert code == 0
     written = anndata.read_h5ad(output)
@@ -72,6 +74,12 @@ def test_run_writes_every_output_the_model_and_the_run_record(screen_file, tmp_p
     parameters = json.loads(record["parameters"])
     assert parameters["batch_key"] == "batch" and parameters["epochs"] == 3
     assert "pvalue" in written.uns["contrastive_distance_test"].columns
+    # Cross-fitting: every cell's salient latent from the model of its fold, and its test.
+    assert written.obsm["X_contrastive_salient_cross_fitted"].shape == (written.n_obs, 10)
+    assert set(written.obs["contrastive_cross_fitting_fold"].astype(int)) == {0, 1}
+    cross_fitted = written.uns["contrastive_distance_test_cross_fitted"]
+    assert set(cross_fitted.index) == set(written.obs["perturbation"].astype(str))
+    assert cross_fitted["pvalue"].between(0, 1).all()
     model = pc.ContrastiveVAE.load(str(tmp_path / "out" / "screen_contrastive_model"), written)
     assert model.is_trained
     assert parameters["responder_refinement"] == 2 and model.epochs_trained == 3 + 2

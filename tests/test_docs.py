@@ -39,6 +39,7 @@ def test_sphinx_build_has_no_warnings(tmp_path):
         "pertpy_contrastive.pp.perturbation_labels",
         "pertpy_contrastive.tl.calibration_check",
         "pertpy_contrastive.tl.CalibrationCheck",
+        "pertpy_contrastive.tl.cross_fitted_salient",
         "pertpy_contrastive.datasets.simulate_screen",
         "pertpy_contrastive.pl.latents",
         "pertpy_contrastive.pl.training_history",

@@ -42,7 +42,8 @@ class CallingMixin:
         cells (e.g. ``obsm['X_contrastive_salient']`` of every cell) the test is not calibrated:
         the encoder fitted those cells, and null targets test significant. Power grows with the
         held-out cells per target (``n_cells``); train with a smaller ``train_size`` (e.g. 0.75)
-        to test more cells.
+        to test more cells, or test every cell on the cross-fitted salient latent
+        (:func:`pertpy_contrastive.tl.cross_fitted_salient`).
 
         Parameters
         ----------

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import anndata
 import mudata
+import pandas as pd
 import pertpy as pt
 
 from . import datasets, pp
-from ._constants import TRAINING_BATCH_SIZE
+from ._constants import TRAINING_BATCH_SIZE, CellGroup
 from ._data import resolve_modality
 from ._model import ContrastiveVAE
+from .tl import cross_fitted_salient, distance_test
 
 EXIT_BAD_INPUT = 2
 _SUFFIXES = (".h5ad", ".h5mu")
@@ -72,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
             "obsm X_<prefix>_salient/_background/_response, layers <prefix>_denoised and "
             "<prefix>_effect, obs <prefix>_p_perturbed/_class/_class_global, uns "
             "<prefix>_responder_fractions, <prefix>_distance_test (the held-out E-distance test "
-            "of each target, when --train-size < 1) and <prefix>_run (this run's parameters and "
+            "of each target, when --train-size < 1), with --cross-fitting-folds the "
+            "cross-fitted latent and test, and <prefix>_run (this run's parameters and "
             "package version). The trained model is saved beside OUT, in OUT's name with the "
             "suffix _model/. A MuData gets the outputs in its --modality."
         ),
@@ -117,6 +120,19 @@ def _parser() -> argparse.ArgumentParser:
             "experimental: after training, N more epochs in which cells called non-responders "
             "are trained like controls (ContrastiveVAE.train's n_epochs_responder_refinement; "
             "default: 0, off)"
+        ),
+    )
+    run.add_argument(
+        "--cross-fitting-folds",
+        type=int,
+        default=0,
+        metavar="K",
+        help=(
+            "also train K models, each without one fold of the cells, and write every cell's "
+            "salient latent read by the model that did not train on it (obsm "
+            "X_<prefix>_salient_cross_fitted, obs <prefix>_cross_fitting_fold) and its E-distance "
+            "test of each target over every cell (uns <prefix>_distance_test_cross_fitted); "
+            "default: 0, off"
         ),
     )
     run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -175,9 +191,20 @@ def _run(args: argparse.Namespace) -> None:
     run_keys = [f"{args.prefix}_run"]
     if args.train_size < 1:
         run_keys.append(f"{args.prefix}_distance_test")
+    if args.cross_fitting_folds:
+        if args.cross_fitting_folds < 2:
+            raise BadInput(
+                f"--cross-fitting-folds must be 0 or at least 2, got {args.cross_fitting_folds}."
+            )
+        run_keys.append(f"{args.prefix}_distance_test_cross_fitted")
     taken = [key for key in run_keys if key in rna.uns and not args.overwrite]
     if taken:
         raise BadInput(f"uns{taken} already exist. Pass --overwrite, or another --prefix.")
+    cross_fitting_keys = _cross_fitting_keys(args.prefix)
+    if args.cross_fitting_folds and not args.overwrite:
+        in_use = [key for key in cross_fitting_keys if key in rna.obsm or key in rna.obs]
+        if in_use:
+            raise BadInput(f"{in_use} already exist. Pass --overwrite, or another --prefix.")
     user_keys = (set(rna.obs.columns), set(rna.uns))
     ContrastiveVAE.setup_anndata(
         data,
@@ -194,6 +221,24 @@ def _run(args: argparse.Namespace) -> None:
     )
     if args.train_size < 1:
         rna.uns[f"{args.prefix}_distance_test"] = model.distance_test()
+    if args.cross_fitting_folds:
+        _step(args, f"cross-fitting: training {args.cross_fitting_folds} models, one per fold")
+        salient_key, fold_key = cross_fitting_keys
+        cross_fitted_salient(
+            data,
+            n_folds=args.cross_fitting_folds,
+            train_kwargs={
+                "max_epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "enable_progress_bar": not args.no_progress,
+            },
+            seed=args.seed,
+            key_added=salient_key,
+            fold_key_added=fold_key,
+            overwrite=args.overwrite,
+            modality=args.modality,
+        )
+        rna.uns[f"{args.prefix}_distance_test_cross_fitted"] = _cross_fitted_test(args, rna, model)
     rna.uns[f"{args.prefix}_run"] = _run_record(args, model)
     _write(args, data, model, rna, user_keys)
 
@@ -252,6 +297,42 @@ def _train(args, data) -> ContrastiveVAE:
     )
     _step(args, f"trained {model.epochs_trained} epochs; writing the outputs")
     return model
+
+
+def _cross_fitting_keys(prefix: str) -> tuple[str, str]:
+    """Return the obsm key of the cross-fitted salient latent and the obs column of the folds."""
+    return f"X_{prefix}_salient_cross_fitted", f"{prefix}_cross_fitting_fold"
+
+
+def _cross_fitted_test(args: argparse.Namespace, rna, model):
+    """E-distance test of each target over every labelled cell, permuted within folds.
+
+    Within folds (and batches, with ``--batch-key``): the folds' models differ, and a
+    permutation that keeps each fold's share of a target is exact whatever their differences.
+    """
+    salient_key, fold_key = _cross_fitting_keys(args.prefix)
+    labelled = model.cell_groups != CellGroup.EXCLUDED
+    strata = rna.obs[fold_key].astype(str)
+    if args.batch_key is not None:
+        strata = strata + "/" + rna.obs[args.batch_key].astype(str)
+    tested = anndata.AnnData(
+        obs=pd.DataFrame(
+            {
+                "perturbation": rna.obs[args.perturbation_key].astype(str).to_numpy(),
+                "strata": strata.to_numpy(),
+            },
+            index=rna.obs_names,
+        )[labelled],
+        obsm={"salient": rna.obsm[salient_key][labelled]},
+    )
+    return distance_test(
+        tested,
+        groupby="perturbation",
+        contrast=args.control,
+        obsm_key="salient",
+        strata_key="strata",
+        seed=args.seed,
+    )
 
 
 def _run_record(args: argparse.Namespace, model) -> dict:

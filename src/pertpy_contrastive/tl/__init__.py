@@ -2,6 +2,7 @@
 
 from .._model import ContrastiveVAE
 from ._calibration import CalibrationCheck, calibration_check
+from ._cross_fitting import cross_fitted_salient
 from ._distance import distance_test
 from ._pseudobulk import responder_pseudobulk
 
@@ -9,6 +10,7 @@ __all__ = [
     "CalibrationCheck",
     "ContrastiveVAE",
     "calibration_check",
+    "cross_fitted_salient",
     "distance_test",
     "responder_pseudobulk",
 ]

@@ -17,14 +17,16 @@ import pertpy as pt
 from anndata import AnnData
 from scipy import stats
 
-from .._constants import DE_DELTA, DE_FDR_TARGET
+from .._constants import DE_DELTA, DE_FDR_TARGET, CellGroup
 from .._expression import check_finite_latent
 from .._model import ContrastiveVAE
 from .._responders import response_latent
 from ..pl._plots import finish_figure
+from ._cross_fitting import CROSS_FITTED_SALIENT_KEY, CROSS_FITTING_FOLD_KEY, cross_fitted_salient
 from ._distance import distance_test
 
 PSEUDO_PREFIX = "pseudo:"
+_CROSS_FITTING_STRATA = "cross_fitting_strata"
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class CalibrationCheck:
     targets: pd.DataFrame
     """The real targets' held-out distance test (:meth:`ContrastiveVAE.distance_test`), to
     check that they are still found; empty with ``keep_targets=False``. With a ``batch_key``,
-    ``pvalue_within_batches`` is the same test with the labels permuted within batches."""
+    ``pvalue_within_batches`` is the same test with the labels permuted within batches; with
+    ``cross_fitting_folds``, ``pvalue_cross_fitted`` is the cross-fitted test within folds."""
 
     def plot_qq(self, *, return_fig: bool = False, save: str | None = None):
         """QQ plot of the pseudo-targets' p-values against the uniform, one line per test.
@@ -92,6 +95,7 @@ def calibration_check(
     train_kwargs: dict | None = None,
     levels: tuple[float, ...] = (0.01, 0.05, 0.1),
     n_perms: int = 1000,
+    cross_fitting_folds: int = 0,
     seed: int = 0,
 ) -> CalibrationCheck:
     """Train on control guides relabelled as pseudo-targets and count what is found in them.
@@ -112,6 +116,11 @@ def calibration_check(
     - with a ``batch_key``, the held-out and the every-cell salient tests again with the labels
       permuted within batches (``strata_key``; ``"... within batches"``), since control guides
       can be spread over the batches unequally;
+    - with ``cross_fitting_folds``, ``"DistanceTest, cross-fitted salient latent"``:
+      ``pt.tl.DistanceTest("edistance")`` on every cell's salient latent from
+      :func:`~pertpy_contrastive.tl.cross_fitted_salient`, each cell read by a model that did
+      not train on it, and ``"distance_test, cross-fitted salient latent, within folds"``, the
+      same with the labels permuted within folds (and batches, with a ``batch_key``);
     - ``"differential_expression"``: the Wald p-values of
       :meth:`~pertpy_contrastive.ContrastiveVAE.differential_expression` with every cell
       counting (``responders_only=False``);
@@ -147,13 +156,18 @@ def calibration_check(
         Nominal levels of the p-value checks.
     n_perms
         Permutations of ``DistanceTest``.
+    cross_fitting_folds
+        Folds of the cross-fitted salient latent to test too (``n_folds`` of
+        :func:`~pertpy_contrastive.tl.cross_fitted_salient`, one more model trained per fold,
+        with ``model_kwargs`` and ``train_kwargs``); ``0`` (the default) skips it.
     seed
         Seed of the choice of pseudo-target guides.
 
     Returns
     -------
     The summary table, every p-value, the pseudo-targets' responder probabilities, the real
-    targets' held-out distance test, and :meth:`CalibrationCheck.plot_qq`.
+    targets' held-out distance test (and their cross-fitted one), and
+    :meth:`CalibrationCheck.plot_qq`.
     """
     for key in (guide_key, perturbation_key):
         if key not in adata.obs:
@@ -202,6 +216,18 @@ def calibration_check(
     check_finite_latent(salient)
     data.obsm["X_salient"] = salient
     data.obsm["X_response"] = response_latent(salient, probability)
+    if cross_fitting_folds:
+        cross_fitted_salient(
+            data,
+            n_folds=cross_fitting_folds,
+            model_kwargs=model_kwargs,
+            train_kwargs=train_kwargs,
+            seed=seed,
+        )
+        strata = data.obs[CROSS_FITTING_FOLD_KEY].astype(str)
+        if batch_key is not None:
+            strata = strata + "/" + data.obs[batch_key].astype(str)
+        data.obs[_CROSS_FITTING_STRATA] = strata
     tested = data[data.obs[perturbation_key].isin([control, *pseudo_labels])].copy()
     tested.obs[perturbation_key] = tested.obs[perturbation_key].astype(str)
     held_out = model.distance_test(n_perms=n_perms)
@@ -235,6 +261,25 @@ def calibration_check(
         ),
         **within_batches,
     }
+    cross_fitted_targets = None
+    if cross_fitting_folds:
+        distance_p_values["DistanceTest, cross-fitted salient latent"] = pt.tl.DistanceTest(
+            "edistance", n_perms=n_perms, obsm_key=CROSS_FITTED_SALIENT_KEY
+        )(tested, groupby=perturbation_key, contrast=control, show_progressbar=False)
+        # Every labelled cell: the real targets' tests ride along, to show the power kept.
+        labelled = data[model.cell_groups != CellGroup.EXCLUDED].copy()
+        labelled.obs[perturbation_key] = labelled.obs[perturbation_key].astype(str)
+        cross_fitted_targets = distance_test(
+            labelled,
+            groupby=perturbation_key,
+            contrast=control,
+            obsm_key=CROSS_FITTED_SALIENT_KEY,
+            n_perms=n_perms,
+            strata_key=_CROSS_FITTING_STRATA,
+        )
+        distance_p_values["distance_test, cross-fitted salient latent, within folds"] = (
+            cross_fitted_targets
+        )
     every_cell = model._differential_expression(
         checked, cells, pseudo_labels, None, DE_DELTA, DE_FDR_TARGET
     )
@@ -310,6 +355,8 @@ def calibration_check(
     if batch_key is not None:
         stratified = within_batches["distance_test, held-out cells, within batches"]
         targets["pvalue_within_batches"] = stratified["pvalue"].reindex(targets.index)
+    if cross_fitted_targets is not None:
+        targets["pvalue_cross_fitted"] = cross_fitted_targets["pvalue"].reindex(targets.index)
     return CalibrationCheck(
         summary=pd.DataFrame(rows),
         p_values=p_values,

@@ -40,7 +40,9 @@ def distance_test(
     construction), and non-targeting guides trained as targets test significant there
     (docs/benchmarks.md). To call targets, use
     :meth:`pertpy_contrastive.ContrastiveVAE.distance_test`, which runs this test on held-out
-    cells.
+    cells, or run it on every cell of the cross-fitted salient latent
+    (:func:`pertpy_contrastive.tl.cross_fitted_salient`), each cell read by a model that did not
+    train on it.
 
     Exchangeability also fails when a group's cells are spread over batches (replicates,
     lanes) unlike the contrast's and the embedding carries any batch signal: on the bundled
