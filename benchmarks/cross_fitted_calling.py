@@ -94,27 +94,20 @@ def main():
                 "held-out cells, `model.distance_test()`": (
                     held_out,
                     int(held_out["n_cells"].sum()),
-                ),
-                "cross-fitted, every cell, `pt.tl.DistanceTest`": (
-                    pc.tl.distance_test(
-                        data,
-                        groupby="perturbation",
-                        contrast=CONTROL,
-                        obsm_key="X_contrastive_salient_cross_fitted",
-                    ),
-                    data.n_obs,
-                ),
-                "cross-fitted, every cell, within folds": (
-                    pc.tl.distance_test(
-                        data,
-                        groupby="perturbation",
-                        contrast=CONTROL,
-                        obsm_key="X_contrastive_salient_cross_fitted",
-                        strata_key="contrastive_cross_fitting_fold",
-                    ),
-                    data.n_obs,
-                ),
+                )
             }
+            for name, strata_key in (
+                ("cross-fitted, every cell, `pt.tl.DistanceTest`", None),
+                ("cross-fitted, every cell, within folds", "contrastive_cross_fitting_fold"),
+            ):
+                table = pc.tl.distance_test(
+                    data,
+                    groupby="perturbation",
+                    contrast=CONTROL,
+                    obsm_key="X_contrastive_salient_cross_fitted",
+                    strata_key=strata_key,
+                )
+                tests[name] = (table, data.n_obs)
             for name, (table, n_cells) in tests.items():
                 summary = calling_summary(table, effect_targets)
                 lines.append(

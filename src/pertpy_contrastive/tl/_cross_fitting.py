@@ -92,9 +92,9 @@ def cross_fitted_salient(
         )
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2, got {n_folds}.")
-    taken = [f"obsm[{key_added!r}]"] * (key_added in rna.obsm) + [f"obs[{fold_key_added!r}]"] * (
-        fold_key_added in rna.obs
-    )
+    taken = [f"obsm[{key_added!r}]"] if key_added in rna.obsm else []
+    if fold_key_added in rna.obs:
+        taken.append(f"obs[{fold_key_added!r}]")
     if taken and not overwrite:
         raise KeyError(
             f"{' and '.join(taken)} already exist. Pass overwrite=True to replace them, or "
