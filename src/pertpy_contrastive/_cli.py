@@ -19,14 +19,14 @@ from pathlib import Path
 
 import anndata
 import mudata
-import pandas as pd
 import pertpy as pt
 
 from . import datasets, pp
 from ._constants import TRAINING_BATCH_SIZE, CellGroup
 from ._data import resolve_modality
 from ._model import ContrastiveVAE
-from .tl import cross_fitted_salient, distance_test
+from .tl import cross_fitted_salient
+from .tl._cross_fitting import distance_test_within_folds, existing_keys
 
 EXIT_BAD_INPUT = 2
 _SUFFIXES = (".h5ad", ".h5mu")
@@ -200,11 +200,14 @@ def _run(args: argparse.Namespace) -> None:
     taken = [key for key in run_keys if key in rna.uns and not args.overwrite]
     if taken:
         raise BadInput(f"uns{taken} already exist. Pass --overwrite, or another --prefix.")
-    cross_fitting_keys = _cross_fitting_keys(args.prefix)
+    # Checked here too, so that a taken key stops the run before any training.
+    salient_key, fold_key = _cross_fitting_keys(args.prefix)
     if args.cross_fitting_folds and not args.overwrite:
-        in_use = [key for key in cross_fitting_keys if key in rna.obsm or key in rna.obs]
+        in_use = existing_keys(rna, salient_key, fold_key)
         if in_use:
-            raise BadInput(f"{in_use} already exist. Pass --overwrite, or another --prefix.")
+            raise BadInput(
+                f"{' and '.join(in_use)} already exist. Pass --overwrite, or another --prefix."
+            )
     user_keys = (set(rna.obs.columns), set(rna.uns))
     ContrastiveVAE.setup_anndata(
         data,
@@ -223,7 +226,6 @@ def _run(args: argparse.Namespace) -> None:
         rna.uns[f"{args.prefix}_distance_test"] = model.distance_test()
     if args.cross_fitting_folds:
         _step(args, f"cross-fitting: training {args.cross_fitting_folds} models, one per fold")
-        salient_key, fold_key = cross_fitting_keys
         cross_fitted_salient(
             data,
             n_folds=args.cross_fitting_folds,
@@ -238,7 +240,16 @@ def _run(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             modality=args.modality,
         )
-        rna.uns[f"{args.prefix}_distance_test_cross_fitted"] = _cross_fitted_test(args, rna, model)
+        rna.uns[f"{args.prefix}_distance_test_cross_fitted"] = distance_test_within_folds(
+            rna,
+            model.cell_groups != CellGroup.EXCLUDED,
+            perturbation_key=args.perturbation_key,
+            control=args.control,
+            batch_key=args.batch_key,
+            key_added=salient_key,
+            fold_key_added=fold_key,
+            seed=args.seed,
+        )
     rna.uns[f"{args.prefix}_run"] = _run_record(args, model)
     _write(args, data, model, rna, user_keys)
 
@@ -302,37 +313,6 @@ def _train(args, data) -> ContrastiveVAE:
 def _cross_fitting_keys(prefix: str) -> tuple[str, str]:
     """Return the obsm key of the cross-fitted salient latent and the obs column of the folds."""
     return f"X_{prefix}_salient_cross_fitted", f"{prefix}_cross_fitting_fold"
-
-
-def _cross_fitted_test(args: argparse.Namespace, rna, model):
-    """E-distance test of each target over every labelled cell, permuted within folds.
-
-    Within folds (and batches, with ``--batch-key``): the folds' models differ, and a
-    permutation that keeps each fold's share of a target is exact whatever their differences.
-    """
-    salient_key, fold_key = _cross_fitting_keys(args.prefix)
-    labelled = model.cell_groups != CellGroup.EXCLUDED
-    strata = rna.obs[fold_key].astype(str)
-    if args.batch_key is not None:
-        strata = strata + "/" + rna.obs[args.batch_key].astype(str)
-    tested = anndata.AnnData(
-        obs=pd.DataFrame(
-            {
-                "perturbation": rna.obs[args.perturbation_key].astype(str).to_numpy(),
-                "strata": strata.to_numpy(),
-            },
-            index=rna.obs_names,
-        )[labelled],
-        obsm={"salient": rna.obsm[salient_key][labelled]},
-    )
-    return distance_test(
-        tested,
-        groupby="perturbation",
-        contrast=args.control,
-        obsm_key="salient",
-        strata_key="strata",
-        seed=args.seed,
-    )
 
 
 def _run_record(args: argparse.Namespace, model) -> dict:

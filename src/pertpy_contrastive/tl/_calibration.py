@@ -22,11 +22,14 @@ from .._expression import check_finite_latent
 from .._model import ContrastiveVAE
 from .._responders import response_latent
 from ..pl._plots import finish_figure
-from ._cross_fitting import CROSS_FITTED_SALIENT_KEY, CROSS_FITTING_FOLD_KEY, cross_fitted_salient
+from ._cross_fitting import (
+    CROSS_FITTED_SALIENT_KEY,
+    cross_fitted_salient,
+    distance_test_within_folds,
+)
 from ._distance import distance_test
 
 PSEUDO_PREFIX = "pseudo:"
-_CROSS_FITTING_STRATA = "cross_fitting_strata"
 
 
 @dataclass(frozen=True)
@@ -224,10 +227,6 @@ def calibration_check(
             train_kwargs=train_kwargs,
             seed=seed,
         )
-        strata = data.obs[CROSS_FITTING_FOLD_KEY].astype(str)
-        if batch_key is not None:
-            strata = strata + "/" + data.obs[batch_key].astype(str)
-        data.obs[_CROSS_FITTING_STRATA] = strata
     tested = data[data.obs[perturbation_key].isin([control, *pseudo_labels])].copy()
     tested.obs[perturbation_key] = tested.obs[perturbation_key].astype(str)
     held_out = model.distance_test(n_perms=n_perms)
@@ -267,15 +266,13 @@ def calibration_check(
             "edistance", n_perms=n_perms, obsm_key=CROSS_FITTED_SALIENT_KEY
         )(tested, groupby=perturbation_key, contrast=control, show_progressbar=False)
         # Every labelled cell: the real targets' tests ride along, to show the power kept.
-        labelled = data[model.cell_groups != CellGroup.EXCLUDED].copy()
-        labelled.obs[perturbation_key] = labelled.obs[perturbation_key].astype(str)
-        cross_fitted_targets = distance_test(
-            labelled,
-            groupby=perturbation_key,
-            contrast=control,
-            obsm_key=CROSS_FITTED_SALIENT_KEY,
+        cross_fitted_targets = distance_test_within_folds(
+            data,
+            model.cell_groups != CellGroup.EXCLUDED,
+            perturbation_key=perturbation_key,
+            control=control,
+            batch_key=batch_key,
             n_perms=n_perms,
-            strata_key=_CROSS_FITTING_STRATA,
         )
         distance_p_values["distance_test, cross-fitted salient latent, within folds"] = (
             cross_fitted_targets

@@ -24,6 +24,7 @@ from scipy.linalg import orthogonal_procrustes
 
 from .._data import get_count_matrix, resolve_modality
 from .._model import ContrastiveVAE
+from ._distance import distance_test
 
 CROSS_FITTED_SALIENT_KEY = "X_contrastive_salient_cross_fitted"
 CROSS_FITTING_FOLD_KEY = "contrastive_cross_fitting_fold"
@@ -92,9 +93,7 @@ def cross_fitted_salient(
         )
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2, got {n_folds}.")
-    taken = [f"obsm[{key_added!r}]"] if key_added in rna.obsm else []
-    if fold_key_added in rna.obs:
-        taken.append(f"obs[{fold_key_added!r}]")
+    taken = existing_keys(rna, key_added, fold_key_added)
     if taken and not overwrite:
         raise KeyError(
             f"{' and '.join(taken)} already exist. Pass overwrite=True to replace them, or "
@@ -112,6 +111,8 @@ def cross_fitted_salient(
         ContrastiveVAE.setup_anndata(training, **setup_args)
         model = ContrastiveVAE(training, **{"seed": seed + fold, **(model_kwargs or {})})
         model.train(**{"seed": seed + fold, "enable_progress_bar": False, **(train_kwargs or {})})
+        # Every cell, for the rotation; a copy, since encoding registers the data it reads and
+        # the next fold's cells must reach setup_anndata unregistered.
         latents.append(model.get_latent_representation(cells.copy()))
     cross_fitted = np.empty_like(latents[0])
     for fold, latent in enumerate(latents):
@@ -119,6 +120,50 @@ def cross_fitted_salient(
         cross_fitted[folds == fold] = latent[folds == fold] @ rotation
     rna.obsm[key_added] = cross_fitted
     rna.obs[fold_key_added] = pd.Categorical(folds)
+
+
+def existing_keys(rna: AnnData, key_added: str, fold_key_added: str) -> list[str]:
+    """Return the outputs of :func:`cross_fitted_salient` that ``rna`` already holds."""
+    taken = [f"obsm[{key_added!r}]"] if key_added in rna.obsm else []
+    if fold_key_added in rna.obs:
+        taken.append(f"obs[{fold_key_added!r}]")
+    return taken
+
+
+def distance_test_within_folds(
+    rna: AnnData,
+    cells: np.ndarray,
+    *,
+    perturbation_key: str,
+    control: str,
+    batch_key: str | None,
+    key_added: str = CROSS_FITTED_SALIENT_KEY,
+    fold_key_added: str = CROSS_FITTING_FOLD_KEY,
+    n_perms: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """E-distance test of each label of ``cells`` against ``control`` on the cross-fitted latent.
+
+    The labels are permuted within folds, and within batches too with a ``batch_key``: the
+    folds' models differ, and a permutation that keeps each fold's share of a label is exact
+    whatever their differences.
+    """
+    strata = rna.obs[fold_key_added].astype(str)
+    if batch_key is not None:
+        strata = strata + "/" + rna.obs[batch_key].astype(str)
+    obs = pd.DataFrame(
+        {"label": rna.obs[perturbation_key].astype(str), "stratum": strata}, index=rna.obs_names
+    )
+    tested = AnnData(obs=obs[cells], obsm={"salient": rna.obsm[key_added][cells]})
+    return distance_test(
+        tested,
+        groupby="label",
+        contrast=control,
+        obsm_key="salient",
+        n_perms=n_perms,
+        strata_key="stratum",
+        seed=seed,
+    )
 
 
 def _fresh_anndata(rna: AnnData, layer: str | None, setup_args: dict) -> AnnData:
