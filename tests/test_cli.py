@@ -122,3 +122,23 @@ def test_no_controls_is_a_bad_input_and_debug_shows_the_traceback(screen_file, t
     assert "no-such-label" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no-such-label"):
         main([*arguments, "--debug"])
+
+
+def test_demo_tests_targets_on_held_out_cells_and_on_the_cross_fitted_latent(tmp_path, capsys):
+    output = tmp_path / "demo.h5ad"
+    assert main(["demo", "-o", str(output), "--epochs", "2", "--no-progress"]) == 0
+    rna = anndata.read_h5ad(output)
+    held_out = rna.uns["contrastive_distance_test"]
+    cross_fitted = rna.uns["contrastive_distance_test_cross_fitted"]
+    assert set(cross_fitted.index) == set(held_out.index)
+    assert "non-targeting" not in held_out.index and len(held_out) > 20
+    assert cross_fitted["pvalue"].between(0, 1).all()
+    assert rna.obsm["X_contrastive_salient_cross_fitted"].shape == (rna.n_obs, 10)
+    assert set(rna.obs["contrastive_cross_fitting_fold"].astype(int)) == {0, 1}
+    assert json.loads(rna.uns["contrastive_run"]["parameters"])["cross_fitting_folds"] == 2
+    assert "every cell of the cross-fitted salient latent" in capsys.readouterr().out
+
+    assert main(["demo", "-o", str(tmp_path / "again.h5ad"), "--cross-fitting-folds", "1"]) == (
+        EXIT_BAD_INPUT
+    )
+    assert "--cross-fitting-folds must be 0 or at least 2" in capsys.readouterr().err
