@@ -50,22 +50,15 @@ def test_calibration_check_reports_each_check_and_leaves_data_alone(
     assert {"check", "level", "observed", "n"} <= set(summary.columns)
     assert summary["observed"].between(0, 1).all()
     # Six control guides: three become pseudo-targets.
-    distance = check.p_values[check.p_values["test"] == "DistanceTest, salient latent"]
+    distance = check.p_values[check.p_values["test"] == "distance_test, every cell"]
     assert len(distance) == 3 and distance["pseudo_target"].str.startswith("pseudo:").all()
-    response = check.p_values[check.p_values["test"] == "distance_test, response latent"]
-    assert list(response["pseudo_target"]) == list(distance["pseudo_target"])
-    held_out = check.p_values[check.p_values["test"] == "distance_test, held-out cells"]
-    assert set(held_out["pseudo_target"]) <= set(distance["pseudo_target"])
-    assert held_out["p_value"].between(0, 1).all()
-    # A batch key adds both salient tests with the labels permuted within batches.
-    for test, unstratified in (
-        ("DistanceTest, salient latent, within batches", distance),
-        ("distance_test, held-out cells, within batches", held_out),
-    ):
-        within = check.p_values[check.p_values["test"] == test]
-        assert list(within["pseudo_target"]) == list(unstratified["pseudo_target"])
-        assert within["p_value"].between(0, 1).all()
+    assert distance["p_value"].between(0, 1).all()
+    # A batch key adds the test with the labels permuted within batches.
+    within = check.p_values[check.p_values["test"] == "distance_test, every cell, within batches"]
+    assert list(within["pseudo_target"]) == list(distance["pseudo_target"])
+    assert within["p_value"].between(0, 1).all()
     assert check.targets["pvalue_within_batches"].between(0, 1).all()
+    assert not check.targets.index.str.startswith("pseudo:").any()
     de = check.p_values[check.p_values["test"] == "differential_expression"]
     assert len(de) == 3 * adata.n_vars and de["p_value"].between(0, 1).all()
     assert (
@@ -78,14 +71,12 @@ def test_null_pseudo_targets_hold_their_levels(check):
     summary = check.summary.set_index(["check", "level"])["observed"]
     assert summary[("differential_expression: p-values below level", 0.05)] < 0.1
     assert summary[("responders: pseudo-target cells called KO", 0.0)] < 0.05
-    # No pseudo-target has a responder here, so its response latent is 0, like the controls'.
-    assert summary[("distance_test, response latent: p-values below level", 0.05)] == 0
 
 
 def test_qq_plot_returns_a_figure(check, tmp_path):
     figure = check.plot_qq(return_fig=True, save=tmp_path / "qq.png")
     assert (tmp_path / "qq.png").stat().st_size > 0
-    assert len(figure.axes[0].lines) == 7  # six tests and the diagonal
+    assert len(figure.axes[0].lines) == 4  # three tests and the diagonal
 
 
 def test_calibration_check_needs_a_control_guide_left(screen_with_control_guides):
@@ -97,28 +88,23 @@ def test_calibration_check_needs_a_control_guide_left(screen_with_control_guides
         pc.tl.calibration_check(screen_with_control_guides, guide_key="missing", control=CONTROL)
 
 
-def test_calibration_check_tests_the_cross_fitted_latent_on_request(screen_with_control_guides):
-    adata = screen_with_control_guides
-    columns, obsm_keys = list(adata.obs.columns), set(adata.obsm)
+def test_calibration_check_takes_several_control_labels(screen_with_control_guides):
+    adata = screen_with_control_guides.copy()
+    labels = adata.obs["perturbation"].astype(str).to_numpy()
+    guides = adata.obs["guide"].astype(str).to_numpy()
+    is_control = labels == CONTROL
+    # Two control labels, each with three guides.
+    labels[is_control] = np.where(
+        np.isin(guides[is_control], [f"{CONTROL}_g{n}" for n in (1, 2, 3)]), "NT1", "NT2"
+    )
+    adata.obs["perturbation"] = labels
     check = pc.tl.calibration_check(
         adata,
         guide_key="guide",
-        control=CONTROL,
+        control=["NT1", "NT2"],
         keep_targets=False,
-        batch_key="batch",
-        train_kwargs={"max_epochs": 10, "batch_size": 16, "early_stopping": False},
-        n_perms=100,
-        cross_fitting_folds=2,
+        train_kwargs={"max_epochs": 5, "batch_size": 16, "early_stopping": False},
+        n_perms=50,
     )
-    assert list(adata.obs.columns) == columns and set(adata.obsm) == obsm_keys
-    pseudo_targets = check.p_values.loc[
-        check.p_values["test"] == "DistanceTest, salient latent", "pseudo_target"
-    ]
-    for test in (
-        "DistanceTest, cross-fitted salient latent",
-        "distance_test, cross-fitted salient latent, within folds",
-    ):
-        tested = check.p_values[check.p_values["test"] == test]
-        assert list(tested["pseudo_target"]) == list(pseudo_targets)
-        assert tested["p_value"].between(0, 1).all()
-        assert f"{test}: p-values below level" in set(check.summary["check"])
+    tested = check.p_values[check.p_values["test"] == "distance_test, every cell"]
+    assert len(tested) == 3 and tested["p_value"].between(0, 1).all()

@@ -51,20 +51,19 @@ def test_run_writes_every_output_the_model_and_the_run_record(screen_file, tmp_p
         "batch",
         "--epochs",
         3,
-        "--responder-refinement",
-        2,
-        "--cross-fitting-folds",
-        2,
     )
     assert code == 0
     written = anndata.read_h5ad(output)
     original = anndata.read_h5ad(screen_file)
-    for key in ("X_contrastive_salient", "X_contrastive_background", "X_contrastive_response"):
+    for key in ("X_contrastive_salient", "X_contrastive_background"):
         assert written.obsm[key].shape[0] == written.n_obs
     assert {"contrastive_denoised", "contrastive_effect"} <= set(written.layers)
-    assert {"contrastive_p_perturbed", "contrastive_class", "contrastive_class_global"} <= set(
-        written.obs
-    )
+    assert {
+        "contrastive_p_perturbed",
+        "contrastive_class",
+        "contrastive_class_global",
+        "contrastive_role",
+    } <= set(written.obs)
     # The user's data are unchanged, and scvi-tools' bookkeeping is not left behind.
     assert (written.X != original.X).nnz == 0  # both sparse, as simulate_screen writes them
     assert not [key for key in written.obs if key.startswith("_scvi")]
@@ -73,16 +72,11 @@ def test_run_writes_every_output_the_model_and_the_run_record(screen_file, tmp_p
     assert record["version"] == pc.__version__
     parameters = json.loads(record["parameters"])
     assert parameters["batch_key"] == "batch" and parameters["epochs"] == 3
-    assert "pvalue" in written.uns["contrastive_distance_test"].columns
-    # Cross-fitting: every cell's salient latent from the model of its fold, and its test.
-    assert written.obsm["X_contrastive_salient_cross_fitted"].shape == (written.n_obs, 10)
-    assert set(written.obs["contrastive_cross_fitting_fold"].astype(int)) == {0, 1}
-    cross_fitted = written.uns["contrastive_distance_test_cross_fitted"]
-    assert set(cross_fitted.index) == set(written.obs["perturbation"].astype(str))
-    assert cross_fitted["pvalue"].between(0, 1).all()
+    calls = written.uns["contrastive_target_calls"]
+    assert set(calls.index) == set(written.obs["perturbation"].astype(str)) - {CONTROL}
+    assert calls["pvalue"].between(0, 1).all()
     model = pc.ContrastiveVAE.load(str(tmp_path / "out" / "screen_contrastive_model"), written)
-    assert model.is_trained
-    assert parameters["responder_refinement"] == 2 and model.epochs_trained == 3 + 2
+    assert model.is_trained and model.epochs_trained == 3
 
 
 def test_run_keeps_a_mudata_a_mudata(screen, tmp_path):
@@ -92,7 +86,8 @@ def test_run_keeps_a_mudata_a_mudata(screen, tmp_path):
     assert _run(path, "-o", output, "--epochs", 2, "--train-size", 1) == 0
     written = mudata.read_h5mu(output)
     assert "X_contrastive_salient" in written["rna"].obsm
-    assert "contrastive_distance_test" not in written["rna"].uns  # nothing held out to test
+    # Every cell is tested, with or without validation cells.
+    assert "contrastive_target_calls" in written["rna"].uns
 
 
 @pytest.mark.parametrize(
@@ -124,21 +119,15 @@ def test_no_controls_is_a_bad_input_and_debug_shows_the_traceback(screen_file, t
         main([*arguments, "--debug"])
 
 
-def test_demo_tests_targets_on_held_out_cells_and_on_the_cross_fitted_latent(tmp_path, capsys):
+def test_demo_writes_and_prints_the_target_calls(tmp_path, capsys):
     output = tmp_path / "demo.h5ad"
     assert main(["demo", "-o", str(output), "--epochs", "2", "--no-progress"]) == 0
     rna = anndata.read_h5ad(output)
-    held_out = rna.uns["contrastive_distance_test"]
-    cross_fitted = rna.uns["contrastive_distance_test_cross_fitted"]
-    assert set(cross_fitted.index) == set(held_out.index)
-    assert "non-targeting" not in held_out.index and len(held_out) > 20
-    assert cross_fitted["pvalue"].between(0, 1).all()
-    assert rna.obsm["X_contrastive_salient_cross_fitted"].shape == (rna.n_obs, 10)
-    assert set(rna.obs["contrastive_cross_fitting_fold"].astype(int)) == {0, 1}
-    assert json.loads(rna.uns["contrastive_run"]["parameters"])["cross_fitting_folds"] == 2
-    assert "every cell of the cross-fitted salient latent" in capsys.readouterr().out
-
-    assert main(["demo", "-o", str(tmp_path / "again.h5ad"), "--cross-fitting-folds", "1"]) == (
-        EXIT_BAD_INPUT
-    )
-    assert "--cross-fitting-folds must be 0 or at least 2" in capsys.readouterr().err
+    calls = rna.uns["contrastive_target_calls"]
+    assert CONTROL not in calls.index and len(calls) > 20
+    assert calls["pvalue"].between(0, 1).all()
+    assert json.loads(rna.uns["contrastive_run"]["parameters"])["train_size"] == 0.9
+    printed = capsys.readouterr().out
+    assert "against the contrast controls" in printed
+    for target in calls.index[calls["pvalue"] < 0.05]:
+        assert f"  {target} " in printed

@@ -5,17 +5,21 @@ import pytest
 from _helpers import setup
 
 import pertpy_contrastive as pc
-from pertpy_contrastive._constants import RESPONDER_WEIGHT_KEY, CellGroup
+from pertpy_contrastive._constants import CellGroup
 from pertpy_contrastive._dataloading import PairedBatchSampler, PairedDataSplitter
 
 BACKGROUND, TARGET, EXCLUDED = CellGroup.BACKGROUND, CellGroup.TARGET, CellGroup.EXCLUDED
+CONTRAST = CellGroup.CONTRAST
+PERTURBED = [TARGET, CONTRAST]  # decoded with the salient latent: one half of each step
 
 
 @pytest.fixture
 def design():
     rng = np.random.default_rng(0)
     n_cells = 1000
-    groups = rng.choice([BACKGROUND, TARGET, EXCLUDED], size=n_cells, p=[0.2, 0.75, 0.05])
+    groups = rng.choice(
+        [BACKGROUND, TARGET, CONTRAST, EXCLUDED], size=n_cells, p=[0.1, 0.75, 0.1, 0.05]
+    )
     strata = rng.choice(3, size=n_cells, p=[0.5, 0.3, 0.2])
     training = np.flatnonzero(groups != EXCLUDED)
     return groups, strata, training
@@ -33,7 +37,7 @@ def test_steps_pair_equal_halves_from_one_stratum(design):
     assert len(steps) == len(sampler)
     for cells, weights in steps:
         assert len(np.unique(strata[cells])) == 1
-        assert (groups[cells] == BACKGROUND).sum() == (groups[cells] == TARGET).sum()
+        assert (groups[cells] == BACKGROUND).sum() == np.isin(groups[cells], PERTURBED).sum()
         assert not (groups[cells] == EXCLUDED).any()
         assert len(np.unique(cells)) == len(cells)
         assert np.all(np.diff(cells) > 0)
@@ -44,10 +48,13 @@ def test_every_cell_of_the_larger_group_is_seen_each_epoch(design):
     groups, strata, training = design
     sampler = PairedBatchSampler(groups, strata, training, batch_size=32, shuffle=True, seed=0)
     seen = np.concatenate([cells for cells, _ in _epoch(sampler)])
-    assert set(training[groups[training] == TARGET]) <= set(seen)
-    expected_steps = sum(
-        int(np.ceil(((groups == TARGET) & (strata == s)).sum() / 32)) for s in range(3)
-    )
+    assert set(training[np.isin(groups[training], PERTURBED)]) <= set(seen)
+    expected_steps = 0
+    for stratum in range(3):
+        n_controls = ((groups == BACKGROUND) & (strata == stratum)).sum()
+        n_perturbed = (np.isin(groups, PERTURBED) & (strata == stratum)).sum()
+        step_size = min(32, n_controls, n_perturbed)
+        expected_steps += int(np.ceil(max(n_controls, n_perturbed) / step_size))
     assert len(sampler) == expected_steps
 
 
@@ -57,9 +64,9 @@ def test_weights_make_each_step_an_unbiased_estimate(design):
     steps = _epoch(sampler)
     n_steps = len(steps)
     # Averaged over an epoch, the weights of a group sum to its share of the training cells.
-    for group in (BACKGROUND, TARGET):
-        total = sum(weights[groups[cells] == group].sum() for cells, weights in steps)
-        share = (groups[training] == group).mean()
+    for group in ([BACKGROUND], PERTURBED):
+        total = sum(weights[np.isin(groups[cells], group)].sum() for cells, weights in steps)
+        share = np.isin(groups[training], group).mean()
         assert total / n_steps == pytest.approx(share, rel=1e-5)
     # And a per-cell quantity averages to its mean over training cells (up to the cycling of
     # the smaller group within an epoch).
@@ -110,16 +117,15 @@ def test_stratum_without_controls_is_an_error_only_for_training():
     assert all(strata[cells[0]] == 1 for cells, _ in lenient)
 
 
-def test_responder_weights_reach_training_steps_only(screen):
+def test_controls_and_perturbed_cells_are_split_between_training_and_validation(screen):
     setup(screen)
     model = pc.ContrastiveVAE(screen, n_hidden=8)
-    weights = np.linspace(0, 1, screen.n_obs, dtype=np.float32)
-    splitter = PairedDataSplitter(
-        model.adata_manager, train_size=0.8, batch_size=32, responder_weights=weights
-    )
-    step = next(iter(splitter.train_dataloader()))
-    # Every cell has its own weight, so the step's weights name its cells: training cells.
-    step_weights = step[RESPONDER_WEIGHT_KEY].ravel().numpy()
-    assert len(np.unique(step_weights)) == len(step_weights) == 64
-    assert np.isin(step_weights, weights[splitter.train_idx]).all()
-    assert RESPONDER_WEIGHT_KEY not in next(iter(splitter.val_dataloader()))
+    splitter = PairedDataSplitter(model.adata_manager, train_size=0.8, batch_size=32)
+    groups = model.cell_groups
+    # Target cells and contrast controls are split as one group, whatever their labels.
+    for group in ([BACKGROUND], PERTURBED):
+        in_group = np.flatnonzero(np.isin(groups, group))
+        validation = np.intersect1d(in_group, splitter.val_idx)
+        assert len(validation) == pytest.approx(0.2 * len(in_group), abs=2)
+        assert not np.intersect1d(validation, splitter.train_idx).size
+    assert not np.isin(np.flatnonzero(groups == EXCLUDED), splitter.train_idx).any()

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from _helpers import CONTROL
+from _helpers import CONTROL, quick_train, setup
 from scipy import stats
 
+import pertpy_contrastive as pc
 from pertpy_contrastive._differential import _adaptive_shrinkage, _mixture_quantile
 
 COLUMNS = [
@@ -44,6 +45,7 @@ def test_de_recovers_each_program_at_its_fdr(trained, de_tables):
     adata, _ = trained
     de, _ = de_tables
     assert set(COLUMNS) <= set(de.columns)
+    false_calls = calls = 0
     for target, program in adata.uns["simulation"]["target_program"].items():
         if program == "none":
             continue
@@ -52,7 +54,7 @@ def test_de_recovers_each_program_at_its_fdr(trained, de_tables):
         called = set(table.index[table["is_de_fdr_0.05"]])
         truth = _true_genes(adata, target)
         assert len(called & truth) >= 0.9 * len(truth)
-        assert len(called - truth) <= 0.1 * len(called)
+        false_calls, calls = false_calls + len(called - truth), calls + len(called)
         assert (table["lfc_ci_low"] <= table["lfc_ci_high"]).all()
         # A gene whose posterior is mostly the point mass at 0 has the interval [0, 0] while its
         # mean is slightly off 0; a called gene's interval holds its mean.
@@ -61,18 +63,28 @@ def test_de_recovers_each_program_at_its_fdr(trained, de_tables):
             (changed["lfc_ci_low"] <= changed["lfc_mean"])
             & (changed["lfc_mean"] <= changed["lfc_ci_high"])
         ).all()
+    # The flagged genes' false discovery proportion, pooled over the targets (one gene is
+    # 3% of a target's calls, so a single target's proportion is too coarse to hold to 5%).
+    assert false_calls / calls < 0.08
 
 
-def test_de_null_targets_find_nothing_and_their_p_values_are_uniform(trained, de_tables):
-    adata, _ = trained
+def test_de_of_a_target_that_only_knocks_down_its_own_gene_finds_that_gene(trained, de_tables):
+    """Null targets lose their own gene and nothing else: DE finds it, and nothing else."""
+    adata, model = trained
     de, de_all_cells = de_tables
     null_targets = [t for t, p in adata.uns["simulation"]["target_program"].items() if p == "none"]
     for target in null_targets:
-        assert not de.loc[de["group1"] == target, "is_de_fdr_0.05"].any()
+        table = de[de["group1"] == target]
+        assert list(table.index[table["is_de_fdr_0.05"]]) == [target]
+        assert table.loc[target, "lfc_mean"] < -1.0
         # Every cell counts: the Wald test of all the target's cells against their background.
         table = de_all_cells[(de_all_cells["group1"] == target) & (de_all_cells.index != target)]
         assert 0.0 < (table["p_value"] < 0.05).mean() < 0.12
         assert stats.kstest(table["p_value"], "uniform").pvalue > 1e-3
+    # With the calls resting on the downstream response alone, these targets have no responder.
+    downstream_only = model.get_responder_probability(use_target_gene=False)
+    de = model.differential_expression(group1=null_targets, probability=downstream_only)
+    assert not de["is_de_fdr_0.05"].any()
 
 
 def test_de_refuses_other_references_and_unknown_targets(trained):
@@ -85,6 +97,24 @@ def test_de_refuses_other_references_and_unknown_targets(trained):
         model.differential_expression(group1="T02", probability=np.ones(3))
     table = model.differential_expression(group1="T02", group2=CONTROL)
     assert (table["group1"] == "T02").all() and (table["comparison"] == f"T02 vs {CONTROL}").all()
+    # scvi-tools' keywords: groupby names the registered perturbation column.
+    by_column = model.differential_expression(groupby="perturbation", group1="T02")
+    np.testing.assert_array_equal(by_column["p_value"], table["p_value"])
+    with pytest.raises(ValueError, match="groupby='batch'.*'perturbation'"):
+        model.differential_expression(groupby="batch", group1="T02")
+
+
+def test_de_takes_several_control_labels(screen):
+    labels = screen.obs["perturbation"].astype(str).to_numpy()
+    controls = np.flatnonzero(labels == CONTROL)
+    labels[controls[::2]], labels[controls[1::2]] = "NT1", "NT2"
+    screen.obs["perturbation"] = labels
+    setup(screen, control=["NT1", "NT2"])
+    model = quick_train(pc.ContrastiveVAE(screen), max_epochs=2)
+    target = sorted(set(labels) - {"NT1", "NT2"})[0]
+    table = model.differential_expression(group1=target, group2=["NT1", "NT2"])
+    assert len(table) == screen.n_vars and table["p_value"].between(0, 1).all()
+    assert (table["comparison"] == f"{target} vs NT1 | NT2").all()
 
 
 def test_mixture_quantile_of_one_normal_is_the_normal_quantile():

@@ -119,7 +119,12 @@ def test_model_counts_site_equals_dense_formula(screen):
     model_trace.compute_log_prob()
     site = model_trace.nodes["counts"]
     z = guide_trace.nodes["background"]["value"]
-    s = guide_trace.nodes["salient"]["value"] * (args.group == CellGroup.TARGET).unsqueeze(-1)
+    # Target cells and contrast controls are decoded with s, background controls at s = 0.
+    decoded_with_salient = torch.isin(
+        args.group, torch.tensor([CellGroup.TARGET, CellGroup.CONTRAST])
+    )
+    assert decoded_with_salient.any() and (args.group == CellGroup.CONTRAST).any()
+    s = guide_trace.nodes["salient"]["value"] * decoded_with_salient.unsqueeze(-1)
     rate, gate_logits = module._decode(
         z, s, args.cont_covs, args.x.sum(-1, keepdim=True).log(), (args.batch_index,)
     )

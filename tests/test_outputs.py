@@ -12,7 +12,7 @@ from _helpers import CONTROL
 import pertpy_contrastive as pc
 
 OUTPUT_KEYS = {
-    "obsm": ["X_contrastive_salient", "X_contrastive_background", "X_contrastive_response"],
+    "obsm": ["X_contrastive_salient", "X_contrastive_background"],
     "layers": ["contrastive_denoised", "contrastive_effect"],
 }
 
@@ -26,6 +26,14 @@ def test_outputs_have_documented_keys_and_shapes(trained):
         assert layer.shape == adata.shape and layer.dtype == np.float32
         assert np.isfinite(layer).all()
     np.testing.assert_allclose(adata.layers["contrastive_denoised"].sum(axis=1), 1e4, rtol=1e-4)
+    roles = adata.obs["contrastive_role"]
+    is_control = (adata.obs["perturbation"] == CONTROL).to_numpy()
+    assert set(roles[is_control]) == {"background control", "contrast control"}
+    assert set(roles[~is_control]) == {"perturbed"}
+    calls = adata.uns["contrastive_target_calls"]
+    targets = sorted(set(adata.obs["perturbation"]) - {CONTROL})
+    assert sorted(calls.index) == targets
+    assert ((calls["pvalue"] > 0) & (calls["pvalue"] <= 1)).all()
 
 
 def test_outputs_record_their_provenance_as_h5ad_can_store_it(trained, tmp_path):
@@ -38,10 +46,12 @@ def test_outputs_record_their_provenance_as_h5ad_can_store_it(trained, tmp_path)
         "layers_file": None,
         "n_layer_cells": None,
         "n_layer_genes": None,
+        "n_perms": 1000,
         "n_reference_cells": 50,
         "seed": 0,
         "threshold": 0.5,
     }
+    assert "against the contrast controls" in record["target_calls_test"]
     assert json.loads(record["model"])["n_salient"] == 10
     assert json.loads(record["setup_anndata"])["guide_key"] == "guide"
     adata.write_h5ad(tmp_path / "outputs.h5ad")
@@ -102,65 +112,30 @@ def test_fixed_reference_background(trained):
     assert not np.allclose(fixed, sampled)
 
 
-def test_edistance_test_on_salient_latent(trained):
+def test_target_calls_find_the_effect_targets_on_every_cell(trained):
     adata, _ = trained
-    table = pt.tl.DistanceTest("edistance", n_perms=200, obsm_key="X_contrastive_salient")(
-        adata, groupby="perturbation", contrast=CONTROL, show_progressbar=False
-    )
+    calls = adata.uns["contrastive_target_calls"]
     programs = adata.uns["simulation"]["target_program"]
     effect_targets = [t for t, p in programs.items() if p != "none"]
-    assert table.loc[effect_targets, "significant_adj"].all()
-    distances = pt.tl.Distance("edistance", obsm_key="X_contrastive_salient").onesided_distances(
-        adata, groupby="perturbation", selected_group=CONTROL, show_progressbar=False, n_jobs=1
-    )
-    null_targets = [t for t, p in programs.items() if p == "none"]
-    assert distances[effect_targets].min() > distances[null_targets].max()
+    assert calls.loc[effect_targets, "significant_adj"].all()
+    # Every labelled cell is tested: the targets' cells, and the contrast controls.
+    is_target = adata.obs["perturbation"].isin(effect_targets).to_numpy()
+    assert calls.loc[effect_targets, "n_cells"].sum() == is_target.sum()
 
 
-def test_response_latent_is_salient_weighted_by_responder_probability(trained):
-    adata, model = trained
-    probability = adata.obs["contrastive_p_perturbed"].to_numpy()
-    response = adata.obsm["X_contrastive_response"]
-    np.testing.assert_allclose(
-        response, adata.obsm["X_contrastive_salient"] * probability[:, None], rtol=1e-6
-    )
-    controls = (adata.obs["perturbation"] == CONTROL).to_numpy()
-    assert (response[controls] == 0).all()
-    np.testing.assert_allclose(
-        model.get_latent_representation(kind="response"), response, rtol=1e-5, atol=1e-6
-    )
-    with pytest.raises(ValueError, match="give_mean=True"):
-        model.get_latent_representation(kind="response", give_mean=False)
-
-
-def test_edistance_on_response_latent_separates_effect_from_null_targets(trained):
+def test_pertpys_own_test_without_the_background_controls_is_the_same_test(trained):
+    """The road a pertpy user takes after write_outputs gives the target calls' distances."""
     adata, _ = trained
-    distances = pt.tl.Distance("edistance", obsm_key="X_contrastive_response").onesided_distances(
-        adata, groupby="perturbation", selected_group=CONTROL, show_progressbar=False, n_jobs=1
+    tested = adata[adata.obs["contrastive_role"] != "background control"]
+    table = pt.tl.DistanceTest("edistance", n_perms=100, obsm_key="X_contrastive_salient")(
+        tested, groupby="perturbation", contrast=CONTROL, show_progressbar=False
     )
-    programs = adata.uns["simulation"]["target_program"]
-    effect_targets = [t for t, p in programs.items() if p != "none"]
-    null_targets = [t for t, p in programs.items() if p == "none"]
-    assert distances[effect_targets].min() > 10 * distances[null_targets].max()
-
-
-def test_tie_safe_distance_test_on_response_latent(trained):
-    adata, _ = trained
-    programs = adata.uns["simulation"]["target_program"]
-    effect_targets = [t for t, p in programs.items() if p != "none"]
-    null_targets = [t for t, p in programs.items() if p == "none"]
-    table = pc.tl.distance_test(adata, contrast=CONTROL, n_perms=200)
-    assert table.loc[effect_targets, "significant_adj"].all()
-    # pertpy's own test, on the same latent, calls an all-zero null target significant.
-    pertpy_table = pt.tl.DistanceTest("edistance", n_perms=200, obsm_key="X_contrastive_response")(
-        adata, groupby="perturbation", contrast=CONTROL, show_progressbar=False
-    )
-    all_zero = table.index[(table["distance"] == 0) & (table.index != CONTROL)]
-    assert set(all_zero) <= set(null_targets) and len(all_zero) > 0
-    assert (pertpy_table.loc[all_zero, "pvalue"] < 0.05).all()
-    assert (table.loc[all_zero, "pvalue"] == 1).all() and not table.loc[
-        all_zero, "significant_adj"
-    ].any()
+    calls = adata.uns["contrastive_target_calls"]
+    np.testing.assert_allclose(table["distance"].reindex(calls.index), calls["distance"], rtol=1e-5)
+    same = pc.tl.distance_test(adata, contrast=CONTROL, n_perms=100)
+    np.testing.assert_allclose(same["distance"].reindex(calls.index), calls["distance"], rtol=1e-5)
+    with pytest.raises(KeyError, match=r"obs\[.missing.\] \(role_key\) is missing"):
+        pc.tl.distance_test(adata, contrast=CONTROL, role_key="missing")
 
 
 def test_wilcoxon_on_denoised_layer(trained):
@@ -206,23 +181,16 @@ def papalexi_outputs():
 
 
 def test_papalexi_ifn_gamma_knockouts_stand_out(papalexi_outputs):
-    rna, model = papalexi_outputs
-    others = ["CD86", "MYC", "SMAD4", "ATF2"]
+    rna, _ = papalexi_outputs
+    others = ["CD86", "ATF2"]
     subset = rna[rna.obs["perturbation"].isin([CONTROL, *IFN_GAMMA_PATHWAY, *others])].copy()
     subset.obs["perturbation"] = subset.obs["perturbation"].astype(str)
 
-    # Tested on the held-out cells only (about 20 per target), where the test is calibrated.
-    table = model.distance_test()
-    assert (table.loc[IFN_GAMMA_PATHWAY, "pvalue"] < 0.05).all()
-    assert (table.loc[IFN_GAMMA_PATHWAY, "n_cells"] < 40).all()
-    distances = pt.tl.Distance("edistance", obsm_key="X_contrastive_salient").onesided_distances(
-        subset, groupby="perturbation", selected_group=CONTROL, show_progressbar=False, n_jobs=1
-    )
-    assert distances[IFN_GAMMA_PATHWAY].min() > distances[others].max()
-    response = pt.tl.Distance("edistance", obsm_key="X_contrastive_response").onesided_distances(
-        subset, groupby="perturbation", selected_group=CONTROL, show_progressbar=False, n_jobs=1
-    )
-    assert response[IFN_GAMMA_PATHWAY].min() > response[others].max()
+    # Every cell is tested, against the contrast controls.
+    calls = rna.uns["contrastive_target_calls"]
+    assert (calls.loc[IFN_GAMMA_PATHWAY, "pvalue"] < 0.01).all()
+    assert (calls.loc[IFN_GAMMA_PATHWAY, "n_cells"] > 100).all()
+    assert calls.loc[IFN_GAMMA_PATHWAY, "distance"].min() > calls.loc[others, "distance"].max()
 
     subset.layers["log_denoised"] = np.log1p(subset.layers["contrastive_denoised"])
     result = pt.tl.WilcoxonTest.compare_groups(

@@ -140,7 +140,7 @@ def test_perturbation_ranking_of_the_model_table(trained, distance_table, tmp_pa
     figure = pc.pl.perturbation_ranking(distance_table, alpha=alpha, return_fig=True, save=path)
     assert path.stat().st_size > 0
 
-    expected = distance_table.drop(index=CONTROL).sort_values("distance", ascending=False)
+    expected = distance_table.sort_values("distance", ascending=False)
     trained_targets = set(adata.obs["perturbation"].cat.categories) - {CONTROL}
     assert set(expected.index) == trained_targets
     axis, labels, bars = _bars(figure)
@@ -179,7 +179,7 @@ def test_perturbation_ranking_colours_by_adjusted_p_value():
 
 def test_perturbation_ranking_contrast_detection():
     table = _pertpy_table({"A": (0.0, 1.0, 1.0), "nt": (0.0, 1.0, 1.0), "B": (0.4, 0.01, 0.02)})
-    # A null target with distance exactly 0 (response latent) looks like the contrast.
+    # A null target with distance exactly 0 looks like the contrast.
     with pytest.raises(ValueError, match="contrast="):
         pc.pl.perturbation_ranking(table)
     figure = pc.pl.perturbation_ranking(table, contrast="nt", return_fig=True)
@@ -194,7 +194,7 @@ def test_perturbation_ranking_contrast_detection():
 
 def test_perturbation_ranking_from_a_saved_h5ad(distance_table, tmp_path):
     adata = ad.AnnData(np.zeros((2, 1), dtype=np.float32))
-    adata.uns["contrastive_distance_test"] = distance_table
+    adata.uns["contrastive_target_calls"] = distance_table
     adata.write_h5ad(tmp_path / "screen.h5ad")
     saved = ad.read_h5ad(tmp_path / "screen.h5ad")
     before = _keys(saved)
@@ -202,10 +202,10 @@ def test_perturbation_ranking_from_a_saved_h5ad(distance_table, tmp_path):
     result = pc.pl.perturbation_ranking(saved)
     assert result is None
     (figure,) = (plt.figure(number) for number in plt.get_fignums())
-    expected = distance_table.drop(index=CONTROL).sort_values("distance", ascending=False)
+    expected = distance_table.sort_values("distance", ascending=False)
     assert _bars(figure)[1] == list(expected.index)
     assert _keys(saved) == before
-    with pytest.raises(KeyError, match=r"other_distance_test.*model\.distance_test\(\)"):
+    with pytest.raises(KeyError, match=r"other_target_calls.*write_outputs"):
         pc.pl.perturbation_ranking(saved, prefix="other")
 
 
@@ -325,6 +325,14 @@ def test_training_history_groups_splits_and_skips_empty_keys():
     figure = pc.pl.training_history(history, skip_epochs=3, return_fig=True)
     assert [list(line.get_xdata()) for line in figure.axes[0].lines] == [list(range(3, 10))] * 2
     assert pc.pl.training_history(history) is None
+
+    # The ELBO's panel marks the epoch early stopping keeps: the lowest validation value.
+    validation = np.r_[np.linspace(10, 4, 6), np.linspace(4.5, 6, 4)]
+    history["elbo_validation"] = frame("elbo_validation", validation)
+    figure = pc.pl.training_history(history, return_fig=True)
+    (elbo,) = [axis for axis in figure.axes if axis.get_title() == "elbo"]
+    (marker,) = [line for line in elbo.lines if line.get_label() == "lowest (early stopping)"]
+    assert list(marker.get_xdata()) == [5] and list(marker.get_ydata()) == [4.0]
 
 
 def test_training_history_without_history():

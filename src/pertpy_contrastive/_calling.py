@@ -1,13 +1,11 @@
-"""Which targets had an effect: a permutation test on cells the model was not trained on.
+"""Which targets had an effect: a permutation test of each target against the contrast controls.
 
-A mixin of :class:`~pertpy_contrastive.ContrastiveVAE`. The salient encoder is trained to
-reconstruct the perturbed training cells, so it fits their noise, while the controls' salient
-latents are only pulled towards 0: on training cells a target and the controls differ even when
-the target does nothing. On Papalexi every non-targeting guide trained as a pseudo-target
-then tests significant (docs/benchmark_papalexi_calibration.md).
-The validation cells were seen by no gradient. To the trained encoder, a null target's held-out
-cells and the held-out controls are draws from one distribution, so the labels are exchangeable
-and the permutation p-value is exact.
+A mixin of :class:`~pertpy_contrastive.ContrastiveVAE`, and the test itself. The contrast
+controls were trained exactly as perturbed cells were (``_module.py``), so for a target
+without an effect, its cells and the contrast controls are exchangeable in the salient latent of
+every cell, training cells included: the labels could be swapped without changing anything
+training did, and the permutation p-value is exact. The background controls, decoded without
+the salient latent in training, are not part of the test.
 """
 
 from __future__ import annotations
@@ -16,9 +14,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import pertpy as pt
 from anndata import AnnData
+from mudata import MuData
+from sklearn.metrics import pairwise_distances
+from statsmodels.stats.multitest import multipletests
 
 from ._constants import CellGroup
+from ._data import resolve_modality
+
+TESTED_GROUPS = (CellGroup.TARGET, CellGroup.CONTRAST)
+"""Groups whose cells the distance test compares: targets, and the contrast controls."""
 
 
 class CallingMixin:
@@ -26,89 +32,157 @@ class CallingMixin:
 
     def distance_test(
         self,
-        indices: Sequence[int] | None = None,
+        adata: AnnData | MuData | None = None,
         *,
         metric: str = "edistance",
         n_perms: int = 1000,
-        show_progressbar: bool = False,
         strata_key: str | None = None,
-        **kwargs,
+        seed: int = 0,
+        modality: str = "rna",
     ) -> pd.DataFrame:
-        """Test each target against the controls in the salient latent of held-out cells.
+        """Test each target against the contrast controls in the salient latent of every cell.
 
-        ``pt.tl.DistanceTest`` (E-distance, permutations) on the salient latent of the cells
-        the model was not trained on: by default its validation cells (``train_size`` of
-        :meth:`train`). Use these p-values to decide which targets had an effect. On training
-        cells (e.g. ``obsm['X_contrastive_salient']`` of every cell) the test is not calibrated:
-        the encoder fitted those cells, and null targets test significant. Power grows with the
-        held-out cells per target (``n_cells``); train with a smaller ``train_size`` (e.g. 0.75)
-        to test more cells, or test every cell on the cross-fitted salient latent
-        (:func:`pertpy_contrastive.tl.cross_fitted_salient`).
+        pertpy's E-distance permutation test (``pt.tl.DistanceTest``) of each target's cells
+        against the contrast controls, the half of the controls that training treated exactly
+        as perturbed cells. Use these p-values to decide which targets had an effect; they are
+        exact for a target without an effect. Controls that trained the background are left
+        out: they sit nearer the origin by construction, and no test may use them.
 
         Parameters
         ----------
-        indices
-            Cells of the model's AnnData to test, which training must not have used; default
-            ``model.validation_indices``.
-        metric, n_perms, show_progressbar, **kwargs
+        adata
+            Data to test; defaults to the data the model was set up with.
+        metric, n_perms
             Passed to ``pt.tl.DistanceTest``.
         strata_key
-            obs column (of the model's AnnData) to permute the labels within, e.g. the
-            replicate, when targets and controls are spread over it unequally; see
-            :func:`pertpy_contrastive.tl.distance_test`.
+            obs column to permute the labels within, e.g. the replicate, when targets and
+            controls are spread over it unequally (pertpy permutes across all cells).
+        seed
+            Seed of the permutations within strata (pertpy's own are not seeded).
+        modality
+            Modality when ``adata`` is a MuData.
 
         Returns
         -------
         pertpy's table (``distance``, ``pvalue``, ``significant``, ``pvalue_adj``,
-        ``significant_adj``) indexed by target, with ``n_cells``, the cells tested per group.
+        ``significant_adj``) indexed by target, without the contrast's row, with ``n_cells``,
+        the cells tested per target.
         """
-        # tl imports the model; importing it at module level would be circular.
-        from .tl._distance import check_strata_key, distance_test
-
         self._check_if_trained(warn=False)
-        if indices is None:
-            indices = self.validation_indices
-        if indices is None or len(indices) == 0:
-            raise ValueError(
-                "The model has no held-out cells to test: it was trained with train_size=1, "
-                "so every cell's salient latent was fitted. Retrain with train_size < 1 (e.g. "
-                "0.75), or pass indices= of cells that training did not use."
-            )
-        indices = np.sort(np.asarray(indices))
-        overlap = np.intersect1d(indices, np.asarray(self.train_indices))
-        if len(overlap) > 0:
-            raise ValueError(
-                f"{len(overlap)} of the indices are training cells (e.g. {overlap[:5].tolist()}); "
-                "their salient latents fit their noise and the test would not be calibrated. "
-                "Pass only cells outside model.train_indices."
-            )
-        perturbation_key = self.get_setup_arg("perturbation_key")
-        control = self.get_setup_arg("control")
-        indices = indices[self.cell_groups[indices] != CellGroup.EXCLUDED]
-        labels = self.adata.obs[perturbation_key].iloc[indices].astype(str).to_numpy()
-        obs = pd.DataFrame({perturbation_key: labels}, index=self.adata.obs_names[indices])
-        if strata_key is not None:
-            check_strata_key(self.adata.obs, strata_key)
-            obs[strata_key] = self.adata.obs[strata_key].iloc[indices].to_numpy()
-        tested = AnnData(
-            obs=obs, obsm={"X_salient": self.get_latent_representation(indices=indices)}
+        target = self.adata if adata is None else resolve_modality(adata, modality)
+        groups = self.get_anndata_manager(self._validate_anndata(target)).get_from_registry(
+            "contrastive_group"
         )
-        if control not in set(labels):
-            raise ValueError(
-                f"None of the held-out cells is a control ({control!r}), so there is nothing to "
-                "test against. Retrain with a smaller train_size, or pass indices= that "
-                "include controls."
-            )
-        table = distance_test(
-            tested,
-            groupby=perturbation_key,
-            contrast=control,
-            obsm_key="X_salient",
+        tested = np.flatnonzero(np.isin(groups.ravel(), TESTED_GROUPS))
+        contrast = contrast_label(self.control_labels)
+        perturbation_key = self.get_setup_arg("perturbation_key")
+        labels = target.obs[perturbation_key].astype(str).to_numpy()[tested]
+        labels[groups.ravel()[tested] == CellGroup.CONTRAST] = contrast
+        obs = pd.DataFrame({"label": labels}, index=target.obs_names[tested])
+        if strata_key is not None:
+            check_strata_key(target.obs, strata_key)
+            obs["stratum"] = target.obs[strata_key].iloc[tested].to_numpy()
+        cells = AnnData(
+            obs=obs,
+            obsm={"salient": self.get_latent_representation(target, indices=tested)},
+        )
+        table = permutation_distance_test(
+            cells,
+            groupby="label",
+            contrast=contrast,
+            obsm_key="salient",
             metric=metric,
             n_perms=n_perms,
-            show_progressbar=show_progressbar,
-            strata_key=strata_key,
-            **kwargs,
-        )
-        table["n_cells"] = pd.Series(labels).value_counts().reindex(table.index).to_numpy()
+            strata_key=None if strata_key is None else "stratum",
+            seed=seed,
+        ).drop(index=contrast)
+        table["n_cells"] = obs["label"].value_counts().reindex(table.index).to_numpy()
         return table
+
+
+def contrast_label(control_labels: Sequence[str]) -> str:
+    """Return the label that the contrast controls carry in a test: the control label(s)."""
+    return " | ".join(control_labels)
+
+
+def permutation_distance_test(
+    adata: AnnData,
+    *,
+    groupby: str,
+    contrast: str,
+    obsm_key: str,
+    metric: str = "edistance",
+    n_perms: int = 1000,
+    strata_key: str | None = None,
+    seed: int = 0,
+    show_progressbar: bool = False,
+) -> pd.DataFrame:
+    """``pt.tl.DistanceTest`` of every group of ``adata`` against ``contrast``.
+
+    With ``strata_key``, the labels are permuted within strata instead, on pertpy's metric
+    (``from_precomputed``), with ``n_perms`` seeded permutations and the permutation p-value
+    ``(1 + #{permuted >= observed}) / (1 + n_perms)``; the adjusted p-values use pertpy's
+    correction.
+    """
+    test = pt.tl.DistanceTest(metric, n_perms=n_perms, obsm_key=obsm_key)
+    if strata_key is None:
+        return test(adata, groupby=groupby, contrast=contrast, show_progressbar=show_progressbar)
+    table = _stratified_test(adata, test, groupby, contrast, obsm_key, strata_key, seed)
+    tested = table.index != contrast
+    significant_adj, adjusted, _, _ = multipletests(
+        table.loc[tested, "pvalue"].to_numpy(), alpha=test.padj_threshold, method=test.correction
+    )
+    table["significant"] = table["pvalue"] < test.padj_threshold
+    table["pvalue_adj"] = 1.0
+    table.loc[tested, "pvalue_adj"] = adjusted
+    table["significant_adj"] = False
+    table.loc[tested, "significant_adj"] = significant_adj
+    return table
+
+
+def check_strata_key(obs: pd.DataFrame, strata_key: str) -> None:
+    """Raise a KeyError naming the fix if ``strata_key`` is not a column of ``obs``."""
+    if strata_key not in obs:
+        raise KeyError(
+            f"strata_key {strata_key!r} is not a column of adata.obs (columns: "
+            f"{list(obs.columns)}). Pass the obs column of the batches to permute within, e.g. "
+            "the replicate."
+        )
+
+
+def _stratified_test(adata, test, groupby, contrast, obsm_key, strata_key, seed) -> pd.DataFrame:
+    """Distance and permutation p-value of each group, labels permuted within strata.
+
+    Written here because pertpy's ``DistanceTest`` permutes across all cells; the distance
+    itself is pertpy's metric (``from_precomputed``).
+    """
+    check_strata_key(adata.obs, strata_key)
+    metric = test.distance.metric_fct
+    if not metric.accepts_precomputed:
+        raise ValueError(
+            f"Permutations within strata need a metric that accepts precomputed distances; "
+            f"{test.metric!r} does not. Use metric='edistance', or strata_key=None."
+        )
+    labels = adata.obs[groupby].astype(str).to_numpy()
+    strata = adata.obs[strata_key].astype(str).to_numpy()
+    embedding = np.asarray(adata.obsm[obsm_key])
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for group in sorted(set(labels) - {contrast}):
+        cells = np.flatnonzero((labels == group) | (labels == contrast))
+        distances = pairwise_distances(embedding[cells], metric=metric.cell_wise_metric)
+        total = distances.sum(dtype=np.float64)
+        in_group = labels[cells] == group
+        observed = metric.from_precomputed(distances, in_group, total=total)
+        # Shuffling the labels inside each stratum keeps each stratum's share of the group.
+        stratum_cells = [np.flatnonzero(strata[cells] == s) for s in np.unique(strata[cells])]
+        reached = 0
+        for _ in range(test.n_perms):
+            permuted = in_group.copy()
+            for members in stratum_cells:
+                permuted[members] = rng.permutation(in_group[members])
+            reached += metric.from_precomputed(distances, permuted, total=total) >= observed
+        rows[group] = (observed, (1 + reached) / (1 + test.n_perms))
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["distance", "pvalue"])
+    table.loc[contrast] = (0.0, 1.0)
+    return table

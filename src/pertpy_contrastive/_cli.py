@@ -19,15 +19,12 @@ from pathlib import Path
 
 import anndata
 import mudata
-import pandas as pd
 import pertpy as pt
 
 from . import datasets, pp
-from ._constants import TRAINING_BATCH_SIZE, CellGroup
+from ._constants import TRAIN_SIZE, TRAINING_BATCH_SIZE
 from ._data import resolve_modality
 from ._model import ContrastiveVAE
-from .tl import cross_fitted_salient
-from .tl._cross_fitting import distance_test_within_folds, existing_keys
 
 EXIT_BAD_INPUT = 2
 _SUFFIXES = (".h5ad", ".h5mu")
@@ -72,13 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         help="train on a screen and write every output",
         description=(
             "Train a ContrastiveVAE on INPUT and write a copy of it with every output to OUT: "
-            "obsm X_<prefix>_salient/_background/_response, layers <prefix>_denoised and "
-            "<prefix>_effect, obs <prefix>_p_perturbed/_class/_class_global, uns "
-            "<prefix>_responder_fractions, <prefix>_distance_test (the held-out E-distance test "
-            "of each target, when --train-size < 1), with --cross-fitting-folds the "
-            "cross-fitted latent and test, and <prefix>_run (this run's parameters and "
-            "package version). The trained model is saved beside OUT, in OUT's name with the "
-            "suffix _model/. A MuData gets the outputs in its --modality."
+            "obsm X_<prefix>_salient/_background, layers <prefix>_denoised and "
+            "<prefix>_effect, obs <prefix>_p_perturbed/_class/_class_global/_role, uns "
+            "<prefix>_target_calls (the E-distance test of each target against the contrast "
+            "controls, every cell), <prefix>_responder_fractions and <prefix>_run (this run's "
+            "parameters and package version). The trained model is saved beside OUT, in OUT's "
+            "name with the suffix _model/. A MuData gets the outputs in its --modality."
         ),
         epilog=(
             "example: pertpy-contrastive run screen.h5mu --perturbation-key perturbation "
@@ -103,38 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--train-size",
         type=float,
-        default=0.75,
-        help="share of cells to train on; the rest test the targets (default: 0.75)",
+        default=TRAIN_SIZE,
+        help=(
+            "share of cells to train on; the rest tell early stopping when to stop "
+            f"(default: {TRAIN_SIZE})"
+        ),
     )
     run.add_argument(
         "--batch-size",
         type=int,
         default=TRAINING_BATCH_SIZE,
         help=f"cells per group per step (default: {TRAINING_BATCH_SIZE})",
-    )
-    run.add_argument(
-        "--responder-refinement",
-        type=int,
-        default=0,
-        metavar="N",
-        help=(
-            "experimental: after training, N more epochs in which cells called non-responders "
-            "are trained like controls (ContrastiveVAE.train's n_epochs_responder_refinement; "
-            "default: 0, off)"
-        ),
-    )
-    run.add_argument(
-        "--cross-fitting-folds",
-        type=int,
-        default=0,
-        metavar="K",
-        help=(
-            "also train K models, each without one fold of the cells, and write every cell's "
-            "salient latent read by the model that did not train on it (obsm "
-            "X_<prefix>_salient_cross_fitted, obs <prefix>_cross_fitting_fold) and its E-distance "
-            "test of each target over every cell (uns <prefix>_distance_test_cross_fitted); "
-            "default: 0, off"
-        ),
     )
     run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     run.add_argument("--prefix", default="contrastive", help="prefix of the keys written")
@@ -149,8 +124,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run the job on the bundled Papalexi 2021 subset",
         description=(
             "Assign guides with pertpy (assign_to_max_guide, 5 UMIs) on the bundled Papalexi "
-            "2021 THP-1 subset, train with a quarter of the cells held out, train the "
-            "cross-fitted models, write every output of the RNA modality to OUT, and print "
+            "2021 THP-1 subset, train, write every output of the RNA modality to OUT, and print "
             "the targets with an effect. Nothing is downloaded."
         ),
     )
@@ -158,22 +132,12 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, default=Path("outputs/demo_latents.h5ad"), help="output .h5ad"
     )
     demo.add_argument("--epochs", type=int, default=200, help="maximum epochs (default: 200)")
-    demo.add_argument(
-        "--cross-fitting-folds",
-        type=int,
-        default=2,
-        metavar="K",
-        help=(
-            "models of the cross-fitted salient latent, whose test reads every cell (as run's "
-            "option; default: 2, 0 to skip them)"
-        ),
-    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.set_defaults(responder_refinement=0, prefix="contrastive")
+    demo.set_defaults(prefix="contrastive")
     demo.add_argument("--overwrite", action="store_true", help="replace OUT")
     _common_options(demo)
-    # Not options: the demo holds a quarter of the cells out for its calls, at the default batch.
-    demo.set_defaults(handler=_demo, train_size=0.75, batch_size=TRAINING_BATCH_SIZE)
+    # Not options: the demo trains at the defaults.
+    demo.set_defaults(handler=_demo, train_size=TRAIN_SIZE, batch_size=TRAINING_BATCH_SIZE)
     return parser
 
 
@@ -198,23 +162,10 @@ def _run(args: argparse.Namespace) -> None:
     data = _read(args.input)
     rna = resolve_modality(data, args.modality)
     _step(args, f"read {args.input}: {rna.n_obs} cells x {rna.n_vars} genes")
-    # write_outputs checks its own keys; these two are the command's, checked before training.
-    run_keys = [f"{args.prefix}_run"]
-    if args.train_size < 1:
-        run_keys.append(f"{args.prefix}_distance_test")
-    _check_cross_fitting_folds(args.cross_fitting_folds)
-    if args.cross_fitting_folds:
-        run_keys.append(f"{args.prefix}_distance_test_cross_fitted")
-    taken = [key for key in run_keys if key in rna.uns and not args.overwrite]
-    if taken:
-        raise BadInput(f"uns{taken} already exist. Pass --overwrite, or another --prefix.")
-    # Checked here too, so that a taken key stops the run before any training.
-    if args.cross_fitting_folds and not args.overwrite:
-        in_use = existing_keys(rna, *_cross_fitting_keys(args.prefix))
-        if in_use:
-            raise BadInput(
-                f"{' and '.join(in_use)} already exist. Pass --overwrite, or another --prefix."
-            )
+    # write_outputs checks its own keys; this one is the command's, checked before training.
+    run_key = f"{args.prefix}_run"
+    if run_key in rna.uns and not args.overwrite:
+        raise BadInput(f"uns[{run_key!r}] already exists. Pass --overwrite, or another --prefix.")
     user_keys = (set(rna.obs.columns), set(rna.uns))
     ContrastiveVAE.setup_anndata(
         data,
@@ -229,18 +180,6 @@ def _run(args: argparse.Namespace) -> None:
     model.write_outputs(
         data, prefix=args.prefix, overwrite=args.overwrite, seed=args.seed, modality=args.modality
     )
-    if args.train_size < 1:
-        rna.uns[f"{args.prefix}_distance_test"] = model.distance_test()
-    if args.cross_fitting_folds:
-        rna.uns[f"{args.prefix}_distance_test_cross_fitted"] = _cross_fitted_test(
-            args,
-            data,
-            model,
-            perturbation_key=args.perturbation_key,
-            control=args.control,
-            batch_key=args.batch_key,
-            modality=args.modality,
-        )
     rna.uns[f"{args.prefix}_run"] = _run_record(args, model)
     _write(args, data, model, rna, user_keys)
 
@@ -249,7 +188,6 @@ def _demo(args: argparse.Namespace) -> None:
     if args.output.suffix != ".h5ad":
         raise BadInput(f"demo writes the RNA modality as .h5ad, got {args.output}.")
     _check_output(args.output, args.overwrite)
-    _check_cross_fitting_folds(args.cross_fitting_folds)
     _quiet_libraries()
     mdata = datasets.papalexi2021_subset()
     user_keys = (set(mdata["rna"].obs.columns), set(mdata["rna"].uns))
@@ -264,105 +202,40 @@ def _demo(args: argparse.Namespace) -> None:
     )
     model = _train(args, mdata)
     rna = model.write_outputs(mdata, seed=args.seed)
-    held_out = model.distance_test().drop("non-targeting")
-    rna.uns["contrastive_distance_test"] = held_out
-    if args.cross_fitting_folds:
-        cross_fitted = _cross_fitted_test(
-            args,
-            mdata,
-            model,
-            perturbation_key="perturbation",
-            control="non-targeting",
-            batch_key="replicate",
-            modality="rna",
-        ).drop("non-targeting")
-        rna.uns["contrastive_distance_test_cross_fitted"] = cross_fitted
     rna.uns["contrastive_run"] = _run_record(args, model)
     _write(args, rna, model, rna, user_keys)
 
+    calls = rna.uns["contrastive_target_calls"]
     fractions = rna.uns["contrastive_responder_fractions"]
     print(f"Papalexi 2021 THP-1 subset: {rna.n_obs} cells x {rna.n_vars} genes")
     print(
-        "Targets with an effect, p < 0.05 in the E-distance permutation test on the held-out "
-        "cells (model.distance_test)"
-        + (
-            " or on every cell of the cross-fitted salient latent (pc.tl.cross_fitted_salient)"
-            if args.cross_fitting_folds
-            else ""
-        )
-        + ", with the responder fraction of all their cells:"
+        "Targets with an effect, p < 0.05 in the E-distance permutation test of every cell "
+        "against the contrast controls (uns['contrastive_target_calls']), with the responder "
+        "fraction of their cells:"
     )
-    calls = held_out[["pvalue", "n_cells"]].rename(columns={"pvalue": "held_out"})
-    if args.cross_fitting_folds:
-        calls["cross_fitted"] = cross_fitted["pvalue"].reindex(calls.index)
-    p_values = [column for column in ("cross_fitted", "held_out") if column in calls]
-    calls = calls[(calls[p_values] < 0.05).any(axis=1)].sort_values(p_values)
-    for target, row in calls.iterrows():
+    for target, row in calls[calls["pvalue"] < 0.05].sort_values("pvalue").iterrows():
         fraction = fractions.loc[target]
-        cross_fitted_p = (
-            f"; every cell, cross-fitted p = {row['cross_fitted']:.3f}"
-            if args.cross_fitting_folds
-            else ""
-        )
         print(
-            f"  {target:<10} held-out p = {row['held_out']:.3f} ({int(row['n_cells'])} cells)"
-            f"{cross_fitted_p}; responders {fraction['responder_fraction']:.2f} "
+            f"  {target:<10} p = {row['pvalue']:.3f} ({int(row['n_cells'])} cells); responders "
+            f"{fraction['responder_fraction']:.2f} "
             f"[{fraction['ci_low']:.2f}, {fraction['ci_high']:.2f}]"
         )
 
 
 def _train(args, data) -> ContrastiveVAE:
     model = ContrastiveVAE(data)
-    held_out = args.train_size < 1
-    _step(args, "training" + (" (early stopping on the held-out ELBO)" if held_out else ""))
+    validating = args.train_size < 1
+    _step(args, "training" + (" (early stopping on the validation ELBO)" if validating else ""))
     model.train(
         max_epochs=args.epochs,
         train_size=args.train_size,
         batch_size=args.batch_size,
-        early_stopping=held_out,
-        n_epochs_responder_refinement=args.responder_refinement,
+        early_stopping=validating,
         enable_progress_bar=not args.no_progress,
         seed=args.seed,
     )
     _step(args, f"trained {model.epochs_trained} epochs; writing the outputs")
     return model
-
-
-def _cross_fitted_test(
-    args, data, model, *, perturbation_key, control, batch_key, modality
-) -> pd.DataFrame:
-    """Train the cross-fitted models, write their latent, and test every labelled cell on it."""
-    salient_key, fold_key = _cross_fitting_keys(args.prefix)
-    _step(args, f"cross-fitting: training {args.cross_fitting_folds} models, one per fold")
-    cross_fitted_salient(
-        data,
-        n_folds=args.cross_fitting_folds,
-        train_kwargs={
-            "max_epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "enable_progress_bar": not args.no_progress,
-        },
-        seed=args.seed,
-        key_added=salient_key,
-        fold_key_added=fold_key,
-        overwrite=args.overwrite,
-        modality=modality,
-    )
-    return distance_test_within_folds(
-        resolve_modality(data, modality),
-        model.cell_groups != CellGroup.EXCLUDED,
-        perturbation_key=perturbation_key,
-        control=control,
-        batch_key=batch_key,
-        key_added=salient_key,
-        fold_key_added=fold_key,
-        seed=args.seed,
-    )
-
-
-def _cross_fitting_keys(prefix: str) -> tuple[str, str]:
-    """Return the obsm key of the cross-fitted salient latent and the obs column of the folds."""
-    return f"X_{prefix}_salient_cross_fitted", f"{prefix}_cross_fitting_fold"
 
 
 def _run_record(args: argparse.Namespace, model) -> dict:
@@ -387,11 +260,6 @@ def _drop_registry_keys(adata, obs_columns: set, uns_keys: set) -> None:
     adata.obs = adata.obs.drop(columns=added)
     for key in [key for key in adata.uns if key.startswith("_scvi") and key not in uns_keys]:
         del adata.uns[key]
-
-
-def _check_cross_fitting_folds(folds: int) -> None:
-    if folds and folds < 2:
-        raise BadInput(f"--cross-fitting-folds must be 0 or at least 2, got {folds}.")
 
 
 def _check_output(output: Path, overwrite: bool) -> None:

@@ -4,17 +4,24 @@ from enum import IntEnum
 
 
 class CellGroup(IntEnum):
-    """Role of a cell in the contrast.
+    """Role of a cell in training.
 
-    Background cells (controls) define the shared variation, target cells may carry a
-    perturbation effect, excluded cells (unassigned or user-excluded) are never trained on
-    but still get latents.
+    Background cells are controls decoded without the salient latent: they teach the model the
+    variation that every cell shares. Target cells carry a perturbation label and are decoded
+    with it. Contrast cells are controls trained exactly as target cells are; a target is
+    compared with them, so that a target with no effect and the contrast controls are two
+    samples of one population (see ``docs/model.md``). Excluded cells (unassigned, or excluded
+    by the user) are never trained on but still get latents.
     """
 
     BACKGROUND = 0
     TARGET = 1
     EXCLUDED = 2
+    CONTRAST = 3
 
+
+CONTRAST_SHARE = 0.5
+"""Share of the controls trained as contrast controls (the rest train the background)."""
 
 GROUP_KEY = "contrastive_group"
 """Registry key of the per-cell :class:`CellGroup` code (stored in ``obs['_scvi_contrastive_group']``)."""
@@ -29,16 +36,10 @@ NO_TARGET = -1
 CELL_WEIGHT_KEY = "cell_weight"
 """Minibatch key of the per-cell ELBO weight added by the paired loader."""
 
-RESPONDER_WEIGHT_KEY = "responder_weight"
-"""Minibatch key of each cell's probability of having responded, during responder refinement."""
-
-LATENT_KINDS = ("salient", "background", "response")
+LATENT_KINDS = ("salient", "background")
 
 NORMALISED_LIBRARY_SIZE = 1e4
 """Counts per cell of the normalised expression that the outputs hand out (the denoised layer)."""
-
-LEGACY_ENCODER_LIBRARY_SIZE = 1e4
-"""What the encoders normalised each cell's counts to in models saved without that value."""
 
 INFERENCE_BATCH_SIZE = 1024
 """Cells per minibatch when encoding or decoding without gradients."""
@@ -46,18 +47,18 @@ INFERENCE_BATCH_SIZE = 1024
 TRAINING_BATCH_SIZE = 128
 """Cells per group (controls, perturbed) in a training step."""
 
+TRAIN_SIZE = 0.9
+"""Share of each group and batch that trains; the rest is the validation set of early stopping.
+
+Every cell is tested (the contrast controls make the salient latent of training cells testable),
+so the validation set only has to tell when the ELBO stops improving.
+"""
+
 LEARNING_RATE = 3e-3
 """Adam learning rate of training."""
 
 BACKGROUND_MMD_WEIGHT = 10.0
 """Weight of the penalty on differences between controls' and perturbed cells' background."""
-
-COUNTERFACTUAL_CONTROLS = "decoder"
-"""Controls also train the salient encoder and the decoder, each decoded with its own salient
-latent, so that noise fitting is the same for every training cell (docs/benchmarks.md)."""
-
-INDEPENDENCE_WEIGHT = 10.0
-"""Weight of the HSIC penalty that keeps background out of perturbed cells' salient latent."""
 
 RESPONDER_GENE_FDR = 0.05
 """Benjamini-Hochberg level at which a gene enters a target's responder effect."""
@@ -72,7 +73,7 @@ DE_FDR_TARGET = 0.05
 """Posterior expected FDR of the genes ``differential_expression`` flags."""
 
 MAX_REFERENCE_CONTROLS = 20_000
-"""Controls that calibrate the background (a random subset, seed 0, of larger control sets).
+"""Contrast controls that calibrate the background (a random subset, seed 0, of larger sets).
 
 They are held dense (controls x genes float64, counts and background) for the offset fit, the
 responder calls' control p-values and the DE's offset variance; the cap bounds that memory on

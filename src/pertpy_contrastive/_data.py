@@ -7,6 +7,7 @@ through scvi-tools' registry.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
@@ -18,7 +19,7 @@ from anndata import AnnData
 from mudata import MuData
 from scvi.data.fields import BaseAnnDataField
 
-from ._constants import GROUP_KEY, NO_TARGET, TARGET_KEY, CellGroup
+from ._constants import CONTRAST_SHARE, GROUP_KEY, NO_TARGET, TARGET_KEY, CellGroup
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,20 @@ def validate_covariates(
             )
 
 
+def is_contrast_control(obs_names: Sequence[str]) -> np.ndarray:
+    """Whether a control with each of these names is a contrast control (``CONTRAST_SHARE``).
+
+    A hash of the cell's name, not a draw: the role of a cell is the same in every AnnData that
+    holds it (a subset, a reordering, the file read back), with no index stored anywhere, and a
+    barcode carries no biology, so the split is random with respect to everything measured.
+    """
+    digests = b"".join(
+        hashlib.blake2b(str(name).encode(), digest_size=8, salt=b"contrast").digest()
+        for name in obs_names
+    )
+    return np.frombuffer(digests, dtype="<u8") < np.uint64(CONTRAST_SHARE * 2.0**64)
+
+
 def assign_groups(
     labels: pd.Series,
     control_labels: Sequence[str],
@@ -174,10 +189,11 @@ def assign_groups(
     perturbation_key: str,
     require_contrast: bool = True,
 ) -> np.ndarray:
-    """Split cells into background, target and excluded groups.
+    """Split cells into background controls, contrast controls, targets and excluded cells.
 
-    Missing or empty labels and ``excluded_labels`` are excluded; ``control_labels`` are background;
-    every other label is a target. With ``require_contrast``, both groups must be non-empty.
+    Missing or empty labels and ``excluded_labels`` are excluded; ``control_labels`` are
+    controls, background or contrast by :func:`is_contrast_control`; every other label is a
+    target. With ``require_contrast``, every group must be non-empty.
     """
     text = labels.astype("string")
     missing = (text.isna() | (text.str.strip() == "")).to_numpy(dtype=bool, na_value=True)
@@ -186,10 +202,15 @@ def assign_groups(
 
     groups = np.full(len(labels), CellGroup.TARGET, dtype=np.int64)
     groups[is_control] = CellGroup.BACKGROUND
+    groups[is_control & is_contrast_control(labels.index)] = CellGroup.CONTRAST
     groups[is_excluded] = CellGroup.EXCLUDED
-    if not require_contrast:
-        return groups
+    if require_contrast:
+        _check_groups(text, groups, missing, control_labels, excluded_labels, perturbation_key)
+    return groups
 
+
+def _check_groups(text, groups, missing, control_labels, excluded_labels, perturbation_key):
+    """Refuse labels that leave a group empty; warn of labels that look unassigned."""
     counts = text[~missing].value_counts()
     absent = [label for label in control_labels if label not in counts.index]
     if absent:
@@ -199,12 +220,20 @@ def assign_groups(
             f"(cells): {shown}{', ...' if len(counts) > 15 else ''}. Pass control=<the label of "
             "your non-targeting or control cells>."
         )
-    if not (groups == CellGroup.BACKGROUND).any():
+    sizes = {group: int((groups == group).sum()) for group in CellGroup}
+    if sizes[CellGroup.BACKGROUND] + sizes[CellGroup.CONTRAST] == 0:
         raise ValueError(
             f"No control cells: every cell labelled {control_labels} in obs[{perturbation_key!r}] "
             "is excluded. Controls define the background; remove them from exclude=."
         )
-    if not (groups == CellGroup.TARGET).any():
+    if not sizes[CellGroup.BACKGROUND] or not sizes[CellGroup.CONTRAST]:
+        raise ValueError(
+            f"Only {sizes[CellGroup.BACKGROUND] + sizes[CellGroup.CONTRAST]} control "
+            "cells: the model trains half of the controls as the background and tests the "
+            "targets against the other half, and one of the halves is empty. Add control "
+            "cells (a screen needs at least dozens)."
+        )
+    if not sizes[CellGroup.TARGET]:
         raise ValueError(
             f"No perturbed cells: every labelled cell in obs[{perturbation_key!r}] is a control "
             "or excluded. Check control= and exclude=."
@@ -222,16 +251,18 @@ def assign_groups(
             "like a guide-assignment placeholder. It is treated as a perturbation target. Pass "
             f"exclude=[{label!r}] to leave these cells out of training.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     logger.info(
-        "Cell groups from obs[%r]: %d background, %d target, %d excluded.",
+        "Cell groups from obs[%r]: %d controls (%d train the background, %d are the contrast "
+        "of the tests), %d perturbed, %d excluded.",
         perturbation_key,
-        int((groups == CellGroup.BACKGROUND).sum()),
-        int((groups == CellGroup.TARGET).sum()),
-        int((groups == CellGroup.EXCLUDED).sum()),
+        sizes[CellGroup.BACKGROUND] + sizes[CellGroup.CONTRAST],
+        sizes[CellGroup.BACKGROUND],
+        sizes[CellGroup.CONTRAST],
+        sizes[CellGroup.TARGET],
+        sizes[CellGroup.EXCLUDED],
     )
-    return groups
 
 
 class _PerturbationObsField(BaseAnnDataField):

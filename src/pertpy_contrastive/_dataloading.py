@@ -22,18 +22,21 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, RESPONDER_WEIGHT_KEY, CellGroup
+from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, TRAIN_SIZE, TRAINING_BATCH_SIZE, CellGroup
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class _StratumPool:
-    """The background and target cells of one stratum, with how a step draws from them."""
+    """The background controls and the cells decoded with s of one stratum, and how a step draws.
+
+    ``perturbed`` holds the target cells and the contrast controls, which train alike.
+    """
 
     stratum: int
     background: np.ndarray
-    target: np.ndarray
+    perturbed: np.ndarray
     step_size: int
     n_steps: int
 
@@ -52,7 +55,10 @@ def _chunks(pool: np.ndarray, n_chunks: int, size: int, rng: np.random.Generator
 
 
 class PairedBatchSampler(Sampler):
-    """Yields ``(cell indices, cell weights)`` for one step: a background and a target minibatch.
+    """Yields ``(cell indices, cell weights)`` for one step: a control and a perturbed minibatch.
+
+    The control half holds background controls; the perturbed half holds target cells and
+    contrast controls, which are trained alike.
 
     Both halves of a step come from one stratum. A stratum's steps cover its larger group once
     per epoch and cycle through the smaller one, as scvi-tools' contrastive loader does overall.
@@ -107,8 +113,10 @@ class PairedBatchSampler(Sampler):
             name = f"batch {stratum}" if stratum_names is None else stratum_names[stratum]
             in_stratum = indices[strata[indices] == stratum]
             background = in_stratum[groups[in_stratum] == CellGroup.BACKGROUND]
-            target = in_stratum[groups[in_stratum] == CellGroup.TARGET]
-            if len(background) == 0 or len(target) == 0:
+            perturbed = in_stratum[
+                np.isin(groups[in_stratum], [CellGroup.TARGET, CellGroup.CONTRAST])
+            ]
+            if len(background) == 0 or len(perturbed) == 0:
                 if strict:
                     missing = "control" if len(background) == 0 else "perturbed"
                     raise ValueError(
@@ -117,7 +125,7 @@ class PairedBatchSampler(Sampler):
                         "or pass batch_key=None."
                     )
                 continue
-            step_size = min(batch_size, len(background), len(target))
+            step_size = min(batch_size, len(background), len(perturbed))
             if strict and step_size < batch_size:
                 logger.warning(
                     "The %s has only %d control or perturbed cells; its steps use %d cells per "
@@ -127,18 +135,18 @@ class PairedBatchSampler(Sampler):
                     step_size,
                     batch_size,
                 )
-            n_steps = math.ceil(max(len(background), len(target)) / step_size)
-            self.pools.append(_StratumPool(int(stratum), background, target, step_size, n_steps))
+            n_steps = math.ceil(max(len(background), len(perturbed)) / step_size)
+            self.pools.append(_StratumPool(int(stratum), background, perturbed, step_size, n_steps))
 
         self.n_steps = sum(pool.n_steps for pool in self.pools)
-        n_cells = sum(len(pool.background) + len(pool.target) for pool in self.pools)
+        n_cells = sum(len(pool.background) + len(pool.perturbed) for pool in self.pools)
         # Weight = (cells of the group in the stratum) / (draws of that group in the stratum per
         # epoch) * (steps per epoch) / (cells in the split): each step's weighted loss is then an
         # unbiased estimate of the split's mean per-cell negative ELBO.
         self.weights = {
             pool.stratum: tuple(
                 self.n_steps * len(cells) / (pool.n_steps * pool.step_size * n_cells)
-                for cells in (pool.background, pool.target)
+                for cells in (pool.background, pool.perturbed)
             )
             for pool in self.pools
         }
@@ -162,14 +170,13 @@ class PairedBatchSampler(Sampler):
         steps = []
         for pool in self.pools:
             background = _chunks(pool.background, pool.n_steps, pool.step_size, rng)
-            target = _chunks(pool.target, pool.n_steps, pool.step_size, rng)
-            background_weight, target_weight = self.weights[pool.stratum]
+            perturbed = _chunks(pool.perturbed, pool.n_steps, pool.step_size, rng)
             weights = np.repeat(
-                np.array([background_weight, target_weight], dtype=np.float32), pool.step_size
+                np.array(self.weights[pool.stratum], dtype=np.float32), pool.step_size
             )
             steps.extend(
-                (np.concatenate([bg, tg]), weights)
-                for bg, tg in zip(background, target, strict=True)
+                (np.concatenate([controls, cells]), weights)
+                for controls, cells in zip(background, perturbed, strict=True)
             )
         order = rng.permutation(len(steps)) if rng is not None else np.arange(len(steps))
         # Every rank must run the same number of steps (DDP averages gradients at each one):
@@ -184,16 +191,10 @@ class PairedBatchSampler(Sampler):
 
 
 class _StepDataset(Dataset):
-    """Reads one step's cells from scvi-tools' AnnTorchDataset and attaches their weights.
+    """Reads one step's cells from scvi-tools' AnnTorchDataset and attaches their weights."""
 
-    ``responder_weights`` (one per cell of the AnnData, or ``None``) are attached too. They are
-    computed after a first training run, so they are not a registry field of the AnnData: the
-    user's AnnData would have to carry them.
-    """
-
-    def __init__(self, dataset: Dataset, responder_weights: np.ndarray | None = None):
+    def __init__(self, dataset: Dataset):
         self.dataset = dataset
-        self.responder_weights = responder_weights
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -202,13 +203,11 @@ class _StepDataset(Dataset):
         cells, weights = step
         tensors = self.dataset[cells]
         tensors[CELL_WEIGHT_KEY] = weights[:, None]
-        if self.responder_weights is not None:
-            tensors[RESPONDER_WEIGHT_KEY] = self.responder_weights[cells, None]
         return tensors
 
 
 class PairedDataSplitter(pl.LightningDataModule):
-    """Splits background and target cells into train and validation sets, per stratum.
+    """Splits each group's cells into train and validation sets, per stratum.
 
     Parameters
     ----------
@@ -222,22 +221,17 @@ class PairedDataSplitter(pl.LightningDataModule):
         Seed of the split and of the pairing.
     stratify_by_batch
         Pair cells within the registered batch only.
-    responder_weights
-        Each cell's probability of having responded (float32, one per cell of the AnnData),
-        passed to the model with every training step; ``None`` during ordinary training.
     """
 
     def __init__(
         self,
         adata_manager: AnnDataManager,
-        train_size: float = 0.9,
-        batch_size: int = 128,
+        train_size: float = TRAIN_SIZE,
+        batch_size: int = TRAINING_BATCH_SIZE,
         seed: int = 0,
         stratify_by_batch: bool = True,
-        responder_weights: np.ndarray | None = None,
     ):
         super().__init__()
-        self.responder_weights = responder_weights
         if not 0 < train_size <= 1:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
         self.adata_manager = adata_manager
@@ -251,9 +245,12 @@ class PairedDataSplitter(pl.LightningDataModule):
 
         rng = np.random.default_rng(seed)
         train, validation = [], []
-        for group in (CellGroup.BACKGROUND, CellGroup.TARGET):
+        # Target cells and contrast controls are split together, as they are trained: which of
+        # them trains must not depend on the label (_calling.py relies on it).
+        perturbed = np.isin(self.groups, [CellGroup.TARGET, CellGroup.CONTRAST])
+        for in_group in (self.groups == CellGroup.BACKGROUND, perturbed):
             for stratum in np.unique(self.strata):
-                cells = np.flatnonzero((self.groups == group) & (self.strata == stratum))
+                cells = np.flatnonzero(in_group & (self.strata == stratum))
                 cells = rng.permutation(cells)
                 n_validation = round((1 - train_size) * len(cells))
                 validation.append(cells[:n_validation])
@@ -264,8 +261,11 @@ class PairedDataSplitter(pl.LightningDataModule):
         self.n_train = len(self.train_idx)
         self.n_val = len(self.val_idx)
 
-        for group, name in ((CellGroup.BACKGROUND, "control"), (CellGroup.TARGET, "perturbed")):
-            n_group = int((self.groups[self.train_idx] == group).sum())
+        trained = self.groups[self.train_idx]
+        for name, n_group in (
+            ("control", int((trained == CellGroup.BACKGROUND).sum())),
+            ("perturbed", int(np.isin(trained, [CellGroup.TARGET, CellGroup.CONTRAST]).sum())),
+        ):
             if n_group < batch_size:
                 raise ValueError(
                     f"Only {n_group} {name} cells are available for training, fewer than one "
@@ -294,18 +294,15 @@ class PairedDataSplitter(pl.LightningDataModule):
             )
             self.val_sampler = sampler if len(sampler) else None
 
-    def _loader(
-        self, sampler: PairedBatchSampler, responder_weights: np.ndarray | None = None
-    ) -> DataLoader:
+    def _loader(self, sampler: PairedBatchSampler) -> DataLoader:
         if self.trainer is not None:
             sampler.shard(self.trainer.global_rank, self.trainer.world_size)
-        dataset = _StepDataset(self.adata_manager.create_torch_dataset(), responder_weights)
+        dataset = _StepDataset(self.adata_manager.create_torch_dataset())
         # batch_size=None: the sampler already yields whole steps, read with one call each.
         return DataLoader(dataset, sampler=sampler, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        # Validation keeps the ordinary ELBO: the weights are fitted on training cells only.
-        return self._loader(self.train_sampler, self.responder_weights)
+        return self._loader(self.train_sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_sampler) if self.val_sampler is not None else []

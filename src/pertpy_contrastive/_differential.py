@@ -40,7 +40,9 @@ from scipy import special, stats
 from scvi.model.base._de_core import _fdr_de_prediction
 
 from . import _responder_mixture as mixture
+from ._calling import contrast_label
 from ._constants import DE_DELTA, DE_FDR_TARGET, TARGET_KEY
+from ._data import as_label_list
 from ._responders import dense_counts
 
 _SCORING_STEPS = 25
@@ -61,8 +63,9 @@ class DifferentialExpressionMixin:
     def differential_expression(
         self,
         adata: AnnData | MuData | None = None,
+        groupby: str | None = None,
         group1: str | Sequence[str] | None = None,
-        group2: str | None = None,
+        group2: str | Sequence[str] | None = None,
         *,
         responders_only: bool = True,
         delta: float = DE_DELTA,
@@ -75,18 +78,21 @@ class DifferentialExpressionMixin:
         Each gene's log2 fold change compares the target's responders with the same cells'
         background, the expression the model reads in them as controls: the counterfactual, on
         a common background (docs/model.md#differential-expression). Cells are grouped by the
-        perturbation column the model was set up with.
+        perturbation column the model was set up with; the arguments follow scvi-tools'
+        ``differential_expression``.
 
         Parameters
         ----------
         adata
             Data to test (with the screen's controls); defaults to the data the model was set
             up with.
+        groupby
+            The perturbation column the model was set up with, or ``None`` (the same).
         group1
             Target(s) to test; default every trained target with cells in ``adata``.
         group2
-            The control label (the default). Other references are refused: the comparison is
-            with each cell's own background, which the controls calibrate.
+            The control label(s) (the default). Other references are refused: the comparison
+            is with each cell's own background, which the controls calibrate.
         responders_only
             Weight each cell by its responder probability (:meth:`get_responder_probability`);
             otherwise every cell of the target counts fully. A target without detectable
@@ -117,11 +123,17 @@ class DifferentialExpressionMixin:
         ``proba_de`` 0 and ``p_value`` 1.
         """
         perturbation_key = self.get_setup_arg("perturbation_key")
-        control = self.get_setup_arg("control")
-        if group2 is not None and group2 != control:
+        if groupby is not None and groupby != perturbation_key:
+            raise ValueError(
+                f"groupby={groupby!r}: the model compares the groups of the column it was set "
+                f"up with, {perturbation_key!r}. Pass groupby={perturbation_key!r} or leave it "
+                "unset."
+            )
+        controls = self.control_labels
+        if group2 is not None and not set(as_label_list(group2)) <= set(controls):
             raise ValueError(
                 f"group2={group2!r}: the comparison is with each cell's own background, which "
-                f"the controls ({control!r}) calibrate. Leave group2 unset, or compare two "
+                f"the controls ({controls}) calibrate. Leave group2 unset, or compare two "
                 "targets through their separate comparisons with the controls."
             )
         adata, cells = self._calibrated_background(adata, modality)
@@ -156,7 +168,7 @@ class DifferentialExpressionMixin:
         ``probability`` weighs the cells; ``None`` counts every cell fully.
         """
         labels = list(self.adata_manager.get_state_registry(TARGET_KEY)["target_labels"])
-        control = self.get_setup_arg("control")
+        control = contrast_label(self.control_labels)
         controls = cells.control_cells
         tables = []
         for label in tested:

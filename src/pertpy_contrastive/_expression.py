@@ -21,7 +21,15 @@ from scvi.utils import track
 
 from ._constants import GROUP_KEY, INFERENCE_BATCH_SIZE, NORMALISED_LIBRARY_SIZE, CellGroup
 from ._data import resolve_modality
-from ._responders import dense_counts, response_latent, select_cells
+from ._responders import dense_counts, select_cells
+
+ROLE_NAMES = {
+    CellGroup.BACKGROUND: "background control",
+    CellGroup.CONTRAST: "contrast control",
+    CellGroup.TARGET: "perturbed",
+    CellGroup.EXCLUDED: "excluded",
+}
+"""What ``obs['<prefix>_role']`` calls each :class:`~pertpy_contrastive.CellGroup`."""
 
 # Cell-reference pairs decoded at once: bounds memory at about this many x n_genes floats.
 _PAIRS_PER_CHUNK = 8_192
@@ -95,6 +103,10 @@ class ExpressionMixin:
         return {
             "package_version": version("pertpy-contrastive"),
             "epochs_trained": self.epochs_trained,
+            "target_calls_test": (
+                f"pt.tl.DistanceTest('edistance', n_perms={arguments['n_perms']}) of each "
+                "target against the contrast controls, on the salient latent of every cell"
+            ),
             "write_outputs": json.dumps(arguments, sort_keys=True),
             "model": json.dumps(self.init_params_["non_kwargs"], sort_keys=True),
             "setup_anndata": json.dumps(
@@ -136,10 +148,10 @@ class ExpressionMixin:
         return means
 
     def _reference_indices(self, adata, reference_indices, n_reference_cells, seed) -> np.ndarray:
-        """Return the reference cells: those given, or a sample of controls."""
+        """Return the reference cells: those given, or a sample of contrast controls."""
         if reference_indices is None:
             groups = self.get_anndata_manager(adata).get_from_registry(GROUP_KEY).ravel()
-            controls = np.flatnonzero(groups == CellGroup.BACKGROUND)
+            controls = np.flatnonzero(groups == CellGroup.CONTRAST)
             if len(controls) == 0:
                 raise ValueError(
                     "These data have no control cells to form the reference background. Pass "
@@ -243,9 +255,9 @@ class ExpressionMixin:
           for plots; its values are model decodes, not measurements, and a rank test on them
           calls any consistent shift while it misses most true DE genes (docs/benchmarks.md).
 
-        The reference is a random sample of ``n_reference_cells`` control cells by default, so
-        every cell is shown on the same average control background; pass ``reference_indices``
-        for a fixed reference (e.g. the controls of one replicate).
+        The reference is a random sample of ``n_reference_cells`` contrast controls by default,
+        so every cell is shown on the same average control background; pass
+        ``reference_indices`` for a fixed reference (e.g. the controls of one replicate).
 
         Parameters
         ----------
@@ -344,6 +356,7 @@ class ExpressionMixin:
         prefix: str = "contrastive",
         threshold: float = 0.5,
         n_reference_cells: int = 50,
+        n_perms: int = 1000,
         seed: int = 0,
         overwrite: bool = False,
         modality: str = "rna",
@@ -353,15 +366,18 @@ class ExpressionMixin:
         cell_indices: Sequence[int] | None = None,
         progress_bar: bool = True,
     ) -> AnnData:
-        """Write latents, responder calls, background-removed expression and perturbation effects.
+        """Write latents, target calls, responder calls and background-removed expression.
 
         Writes, for every cell:
 
         - ``obsm['X_<prefix>_salient']`` and ``obsm['X_<prefix>_background']``: posterior means;
-        - ``obsm['X_<prefix>_response']``: the salient latent weighted by the responder
-          probability (``get_latent_representation(kind="response")``; 0 for controls, NaN rows
-          for unscored cells), to rank targets with ``pt.tl.Distance(..., obsm_key=...)``
-          (test them with :meth:`distance_test`, on held-out cells);
+        - ``obs['<prefix>_role']``: ``"perturbed"``, ``"contrast control"`` (trained as the
+          perturbed cells were; the controls every test compares with), ``"background
+          control"`` (trained without the salient latent; no test may use them) or
+          ``"excluded"``;
+        - ``uns['<prefix>_target_calls']``: :meth:`distance_test`, the E-distance permutation
+          test of each target against the contrast controls on the salient latent of every
+          cell: the p-values to report;
         - ``layers['<prefix>_denoised']``: :meth:`get_denoised_expression` (observed counts on
           the reference background), dense float32, rows summing to 1e4, for
           ``pt.tl.WilcoxonTest`` / ``TTest.compare_groups(layer=...)`` (log-transform it
@@ -373,10 +389,16 @@ class ExpressionMixin:
           ``"<target> KO"`` / ``"<target> NP"`` / ``"NT"`` and ``"KO"`` / ``"NP"`` / ``"NT"``,
           KO when the probability exceeds ``threshold`` (missing for unscored cells);
         - ``uns['<prefix>_responder_fractions']``: :meth:`get_responder_fractions` per target;
-        - ``uns['<prefix>']``: provenance: the package version, the epochs trained, and as JSON
-          strings the arguments of this call, of the model and of ``setup_anndata``.
+        - ``uns['<prefix>']``: provenance: the package version, the epochs trained, the test
+          behind the target calls, and as JSON strings the arguments of this call, of the
+          model and of ``setup_anndata``.
 
         Nothing is written unless all keys are free, or ``overwrite=True``.
+
+        To run pertpy's test yourself, leave out the background controls:
+        ``pt.tl.DistanceTest("edistance", obsm_key="X_<prefix>_salient")(adata[adata.obs[
+        "<prefix>_role"] != "background control"], groupby=<perturbation key>,
+        contrast=<control label>)``.
 
         The two layers are dense: at 1 million cells x 8,000 genes each is 32 GB. For large data
         pass ``dense_layers=False`` to skip them, or ``layers_file=`` to stream them, a chunk of
@@ -394,9 +416,12 @@ class ExpressionMixin:
             Prefix of the keys written.
         threshold
             Responder probability above which a perturbed cell is called KO.
-        n_reference_cells, seed
-            Reference sample of :meth:`get_denoised_expression`; ``seed`` also seeds the
-            cross-fitting folds of :meth:`get_responder_probability`.
+        n_reference_cells
+            Reference sample of :meth:`get_denoised_expression`.
+        n_perms
+            Permutations of the target calls' test.
+        seed
+            Seed of the reference sample, of the responder calls' cross-fitting folds.
         overwrite
             Replace existing keys of the same names.
         modality
@@ -419,71 +444,31 @@ class ExpressionMixin:
         layer_rows, layer_genes = _layer_selection(
             target, dense_layers, layers_file, gene_list, cell_indices, overwrite
         )
-        keys = {
-            "obsm": {kind: f"X_{prefix}_{kind}" for kind in ("salient", "background", "response")},
-            "layers": {"denoised": f"{prefix}_denoised", "effect": f"{prefix}_effect"},
-            "obs": {name: f"{prefix}_{name}" for name in ("p_perturbed", "class", "class_global")},
-            "uns": {"fractions": f"{prefix}_responder_fractions", "provenance": prefix},
-        }
+        keys = _output_keys(prefix)
         in_adata = {
             attribute: named
             for attribute, named in keys.items()
             if attribute != "layers" or (dense_layers and layers_file is None)
         }
-        taken = [
-            f"{attribute}[{key!r}]"
-            for attribute, named in in_adata.items()
-            for key in named.values()
-            if key in getattr(target, attribute)
-        ]
-        if taken and not overwrite:
-            raise KeyError(
-                f"{', '.join(taken)} already exist. Pass overwrite=True to replace them, or "
-                "another prefix=."
-            )
+        _check_free_keys(target, in_adata, overwrite)
         self._check_if_trained(warn=False)
         self._validate_anndata(target)
+        arguments = {
+            "threshold": threshold,
+            "n_reference_cells": n_reference_cells,
+            "n_perms": n_perms,
+            "seed": seed,
+            "dense_layers": dense_layers,
+            "layers_file": None if layers_file is None else str(layers_file),
+            "n_layer_genes": None if gene_list is None else len(layer_genes),
+            "n_layer_cells": None if cell_indices is None else len(layer_rows),
+        }
         # One encoding pass serves the latents, the effect layer, the background-removed layer
         # and the responder calls.
         cells = self._posterior_means(target, None)
         _, calibrated = self._calibrated_background(target, modality, posterior_means=cells)
-        latents = {"salient": cells["s"].cpu().numpy(), "background": cells["z"].cpu().numpy()}
-        for latent in latents.values():
-            check_finite_latent(latent)
         reference = self._reference_indices(target, None, n_reference_cells, seed)
-        outputs = {"obsm": {keys["obsm"][kind]: latent for kind, latent in latents.items()}}
-        if dense_layers and layers_file is None:
-            outputs["layers"] = {
-                keys["layers"]["denoised"]: self._background_removed_counts(
-                    target, None, reference, NORMALISED_LIBRARY_SIZE, cells=calibrated
-                ),
-                keys["layers"]["effect"]: self._effect(cells),
-            }
-        evidence = self._responder_evidence(target, calibrated, seed=seed)
-        probability = evidence.probability
-        outputs["obsm"][keys["obsm"]["response"]] = response_latent(latents["salient"], probability)
-        target_class, global_class = self._responder_calls(target, probability, threshold)
-        outputs["obs"] = {
-            keys["obs"]["p_perturbed"]: probability,
-            keys["obs"]["class"]: target_class,
-            keys["obs"]["class_global"]: global_class,
-        }
-        outputs["uns"] = {
-            keys["uns"]["fractions"]: self._responder_fractions(
-                target, evidence, "target", 0.95, threshold
-            ),
-            keys["uns"]["provenance"]: self._provenance(
-                {
-                    "threshold": threshold,
-                    "n_reference_cells": n_reference_cells,
-                    "seed": seed,
-                    "dense_layers": dense_layers,
-                    "layers_file": None if layers_file is None else str(layers_file),
-                    "n_layer_genes": None if gene_list is None else len(layer_genes),
-                    "n_layer_cells": None if cell_indices is None else len(layer_rows),
-                }
-            ),
-        }
+        outputs = self._cell_outputs(target, keys, cells, calibrated, reference, arguments)
         if dense_layers and layers_file is not None:
             self._stream_layers(
                 Path(layers_file),
@@ -502,3 +487,71 @@ class ExpressionMixin:
             for key, value in values.items():
                 getattr(target, attribute)[key] = value
         return target
+
+    def _cell_outputs(self, target, keys, cells, calibrated, reference, arguments) -> dict:
+        """Everything :meth:`write_outputs` writes into the AnnData, by attribute and key."""
+        latents = {"salient": cells["s"].cpu().numpy(), "background": cells["z"].cpu().numpy()}
+        for latent in latents.values():
+            check_finite_latent(latent)
+        outputs = {"obsm": {keys["obsm"][kind]: latent for kind, latent in latents.items()}}
+        if arguments["dense_layers"] and arguments["layers_file"] is None:
+            outputs["layers"] = {
+                keys["layers"]["denoised"]: self._background_removed_counts(
+                    target, None, reference, NORMALISED_LIBRARY_SIZE, cells=calibrated
+                ),
+                keys["layers"]["effect"]: self._effect(cells),
+            }
+        evidence = self._responder_evidence(target, calibrated, seed=arguments["seed"])
+        probability = evidence.probability
+        target_class, global_class = self._responder_calls(
+            target, probability, arguments["threshold"]
+        )
+        roles = pd.Categorical(
+            [ROLE_NAMES[CellGroup(group)] for group in calibrated.groups],
+            categories=list(ROLE_NAMES.values()),
+        )
+        outputs["obs"] = {
+            keys["obs"]["p_perturbed"]: probability,
+            keys["obs"]["class"]: target_class,
+            keys["obs"]["class_global"]: global_class,
+            keys["obs"]["role"]: roles,
+        }
+        outputs["uns"] = {
+            keys["uns"]["target_calls"]: self.distance_test(target, n_perms=arguments["n_perms"]),
+            keys["uns"]["fractions"]: self._responder_fractions(
+                target, evidence, "target", 0.95, arguments["threshold"]
+            ),
+            keys["uns"]["provenance"]: self._provenance(arguments),
+        }
+        return outputs
+
+
+def _output_keys(prefix: str) -> dict[str, dict[str, str]]:
+    """Return the keys :meth:`ExpressionMixin.write_outputs` writes, by attribute and output."""
+    return {
+        "obsm": {kind: f"X_{prefix}_{kind}" for kind in ("salient", "background")},
+        "layers": {"denoised": f"{prefix}_denoised", "effect": f"{prefix}_effect"},
+        "obs": {
+            name: f"{prefix}_{name}" for name in ("p_perturbed", "class", "class_global", "role")
+        },
+        "uns": {
+            "target_calls": f"{prefix}_target_calls",
+            "fractions": f"{prefix}_responder_fractions",
+            "provenance": prefix,
+        },
+    }
+
+
+def _check_free_keys(target: AnnData, keys: dict[str, dict[str, str]], overwrite: bool) -> None:
+    """Refuse, before anything is computed, keys that ``target`` already holds."""
+    taken = [
+        f"{attribute}[{key!r}]"
+        for attribute, named in keys.items()
+        for key in named.values()
+        if key in getattr(target, attribute)
+    ]
+    if taken and not overwrite:
+        raise KeyError(
+            f"{', '.join(taken)} already exist. Pass overwrite=True to replace them, or "
+            "another prefix=."
+        )

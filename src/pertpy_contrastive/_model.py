@@ -40,13 +40,12 @@ from scvi.train import LoudEarlyStopping, TrainRunner
 from ._calling import CallingMixin
 from ._constants import (
     BACKGROUND_MMD_WEIGHT,
-    COUNTERFACTUAL_CONTROLS,
     GROUP_KEY,
-    INDEPENDENCE_WEIGHT,
     INFERENCE_BATCH_SIZE,
     LATENT_KINDS,
     LEARNING_RATE,
     TARGET_KEY,
+    TRAIN_SIZE,
     TRAINING_BATCH_SIZE,
     CellGroup,
 )
@@ -66,8 +65,8 @@ from ._differential import DifferentialExpressionMixin
 from ._expression import ExpressionMixin, check_finite_latent
 from ._likelihoods import Likelihood
 from ._module import ContrastivePyroModule
-from ._responders import ResponderMixin, response_latent
-from ._training_plan import ContrastiveTrainingPlan
+from ._responders import ResponderMixin
+from ._training_plan import MONITORED, ContrastiveTrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +76,12 @@ class ContrastiveVAE(
 ):
     """Contrastive VAE for CRISPR screens, written in Pyro.
 
-    Every cell has a background latent; only perturbed (target) cells use the salient latent,
-    which the decoder holds at zero for control cells. Background variation that controls share
-    with perturbed cells (cell cycle, subclones, stress, replicates) therefore stays out of the
-    salient space. With ``responder=True`` (experimental), whether a perturbed cell responded is
-    a latent variable of the model, summed out in training, with a responder fraction per
-    target; :meth:`get_responder_probability` gives its posterior. Covariates are given to the
-    encoders and the decoder.
+    Every cell has a background latent; perturbed cells also use the salient latent, which the
+    decoder holds at zero for the controls that train the background. The other half of the
+    controls, the contrast controls, are trained exactly as perturbed cells are, and every test
+    compares a target with them: a target without an effect and the contrast controls are two
+    samples of one population, so the salient latent of every cell can be tested
+    (docs/model.md). Covariates are given to the encoders and the decoder.
 
     Parameters
     ----------
@@ -103,69 +101,15 @@ class ContrastiveVAE(
         ``"zinb"`` (default), ``"nb"`` or ``"poisson"``.
     use_observed_library
         Use each cell's total count as its library size (default); otherwise it is latent.
-    wasserstein_weight
-        Opt-in weight of the penalty ``||mu||^2 + sum(sigma^2)`` that pulls control cells'
-        salient posterior to the point mass at zero. Without it (the default), controls' salient
-        posterior is pulled to the prior, centred on zero, like that of perturbed cells that did
-        not respond; the penalty makes the encoder memorise the training controls, which shifts
-        every perturbed training cell away from them (see the model docs).
     background_mmd_weight
         Weight of the squared maximum mean discrepancy between the background latents of the
-        controls and the perturbed cells of each training step. Guides are assigned at random, so
-        both groups share one background distribution; the penalty moves perturbation effects that
-        the background latent picked up into the salient latent. ``0`` turns it off.
-    salient_encoder_sees_group
-        Opt-in: give the salient encoder each cell's group (control / perturbed / excluded). This
-        can sharpen the contrast, but the salient latent then depends on the guide label and can
-        no longer show that a labelled cell looks unperturbed (an escaper) on its own.
-    responder
-        Experimental: model whether each perturbed cell responded, and give
-        :meth:`get_responder_probability`. The background encoder then learns from controls
-        only, so that a non-responder's background latent cannot be trained to explain a
-        responder's effect. Off by default: on the benchmark screens it does not yet give
-        reliable calls (docs/benchmarks.md, "Responders"). ``False`` is the plain contrastive
-        VAE, in which every perturbed cell uses its salient latent.
-    responder_salient_scale
-        Standard deviation of a responder's salient latent around its target's centre mu_t;
-        ``None`` learns one per target.
-    salient_effect
-        Experimental: ``"additive"`` decodes the salient latent as a linear shift of the log
-        proportions along unit-norm gene directions, instead of through the non-linear decoder
-        (``"nonlinear"``, the default).
+        background controls and of the perturbed cells of each training step. Guides are
+        assigned at random, so both groups share one background distribution; the penalty
+        moves perturbation effects that the background latent picked up into the salient
+        latent. ``0`` turns it off.
     encoder_library_size
         Total that the encoders scale each cell's counts to before ``log1p``. Default: the
-        median total count of ``adata``, which keeps sequencing depth out of the latents (a
-        fixed 1e4, the choice before, taught the salient latent depth on shallow data).
-    independence_weight
-        Weight of a per-step penalty on the dependence (HSIC, on standardised latents) between
-        the perturbed cells' salient and background latents (default 10; 0 turns it off).
-        Guides are assigned at random, so a cell's perturbation effect is independent of its
-        background state; the penalty keeps background (subclone, cell cycle, library size)
-        out of the salient latent, at some cost in program separation (docs/benchmarks.md,
-        "Keeping the background out of the salient latent").
-    salient_cross_fitting
-        Experimental, off by default. Train two salient encoders, each on one half of the cells,
-        and read every cell's salient latent with the encoder that never trained on it, so that
-        the latent cannot fit a perturbed training cell's counting noise.
-    counterfactual_controls
-        How controls train the salient pathway. A control is decoded without its salient latent,
-        so the ELBO alone pulls only training controls' salient latent to 0, while the decoder
-        learns its salient pathway from perturbed training cells and fits their noise through
-        it: perturbed training cells then sit apart from training controls even when nothing
-        perturbed them. ``"decoder"`` (the default) also scores each control decoded with its
-        own salient latent, a term that trains the salient encoder and the decoder, so that
-        noise fitting is the same for every training cell: training escapers sit where training
-        controls sit, and non-targeting guides look far less perturbed. Use it with
-        ``independence_weight`` (default 10), which keeps out the background that the term lets
-        into the salient latent. ``True`` trains the encoder only (the decoder held fixed);
-        ``False`` is the plain contrastive VAE. The term costs a second decoder pass over the
-        controls: at 10,000 cells an epoch takes 0.80 times ContrastiveVI's, against 0.70 with
-        ``False`` and ``independence_weight=0`` (docs/benchmarks.md, "The defaults from
-        0.2.0").
-    counterfactual_share
-        Share of each step's cells that the pass of ``counterfactual_controls`` decodes, chosen
-        at random; the controls among them are scored, weighted so that the term's expectation
-        does not change. Lower is faster, and noisier.
+        median total count of ``adata``, which keeps sequencing depth out of the latents.
     seed
         Seed of the initial network weights (training has its own seed, see :meth:`train`).
     modality
@@ -176,7 +120,7 @@ class ContrastiveVAE(
     >>> ContrastiveVAE.setup_anndata(adata, perturbation_key="target", control="non-targeting")
     >>> model = ContrastiveVAE(adata)
     >>> model.train()
-    >>> adata.obsm["X_salient"] = model.get_latent_representation(kind="salient")
+    >>> model.write_outputs(adata)
     """
 
     _module_cls = ContrastivePyroModule
@@ -194,17 +138,8 @@ class ContrastiveVAE(
         dropout_rate: float = 0.1,
         likelihood: Likelihood = "zinb",
         use_observed_library: bool = True,
-        wasserstein_weight: float = 0.0,
         background_mmd_weight: float = BACKGROUND_MMD_WEIGHT,
-        salient_encoder_sees_group: bool = False,
-        responder: bool = False,
-        responder_salient_scale: float | None = 0.25,
-        salient_effect: Literal["nonlinear", "additive"] = "nonlinear",
         encoder_library_size: float | None = None,
-        independence_weight: float = INDEPENDENCE_WEIGHT,
-        salient_cross_fitting: bool = False,
-        counterfactual_controls: bool | Literal["decoder"] = COUNTERFACTUAL_CONTROLS,
-        counterfactual_share: float = 1.0,
         seed: int = 0,
         modality: str = "rna",
     ):
@@ -225,7 +160,6 @@ class ContrastiveVAE(
                 n_background=n_background,
                 n_salient=n_salient,
                 n_batch=n_batch,
-                n_targets=self.summary_stats.n_targets,
                 n_cats_per_cov=tuple(cat_covs_registry.get("n_cats_per_key", ())),
                 n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
                 n_hidden=n_hidden,
@@ -235,26 +169,14 @@ class ContrastiveVAE(
                 use_observed_library=use_observed_library,
                 library_log_means=None if library_log_means is None else library_log_means.ravel(),
                 library_log_vars=None if library_log_vars is None else library_log_vars.ravel(),
-                wasserstein_weight=wasserstein_weight,
                 background_mmd_weight=background_mmd_weight,
-                salient_encoder_sees_group=salient_encoder_sees_group,
-                responder=responder,
-                responder_salient_scale=responder_salient_scale,
-                salient_effect=salient_effect,
-                # It raised the responder model's calls, but lowered the plain model's calling
-                # and program separation (docs/benchmarks.md, "Responders").
-                background_from_controls=responder,
                 encoder_library_size=encoder_library_size,
-                independence_weight=independence_weight,
-                salient_cross_fitting=salient_cross_fitting,
-                counterfactual_controls=counterfactual_controls,
-                counterfactual_share=counterfactual_share,
             )
         self._model_summary_string = (
             f"ContrastiveVAE: n_salient={n_salient}, n_background={n_background}, "
             f"n_hidden={n_hidden}, n_layers={n_layers}, likelihood={likelihood}, "
-            f"observed library={use_observed_library}, wasserstein_weight={wasserstein_weight}, "
-            f"background_mmd_weight={background_mmd_weight}, responder={responder}"
+            f"observed library={use_observed_library}, "
+            f"background_mmd_weight={background_mmd_weight}"
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -277,13 +199,16 @@ class ContrastiveVAE(
     ) -> None:
         """Register raw counts, perturbation groups and covariates.
 
-        Cells whose ``perturbation_key`` label is in ``control`` are the background; missing
-        labels and labels in ``exclude`` are excluded from training (they still get latents);
-        every other label is a perturbation target.
+        Cells whose ``perturbation_key`` label is in ``control`` are controls: half of them (by
+        a hash of the cell's name, so the same cell has the same role in every copy of the
+        data) train the background, the other half are the contrast that targets are tested
+        against. Missing labels and labels in ``exclude`` are excluded from training (they
+        still get latents); every other label is a perturbation target.
 
         Everything is validated before anything is written. Besides scvi-tools' registry
         (``uns['_scvi_uuid']``, ``uns['_scvi_manager_uuid']``), registration writes only these
-        obs/obsm entries: ``obs['_scvi_contrastive_group']`` (0 control, 1 target, 2 excluded),
+        obs/obsm entries: ``obs['_scvi_contrastive_group']`` (0 background control, 1 target,
+        2 excluded, 3 contrast control; :class:`~pertpy_contrastive.CellGroup`),
         ``obs['_scvi_contrastive_target']`` (index of the cell's target among the trained targets,
         -1 for controls and other labels), ``obs['_scvi_batch']``, and, when covariates are given,
         ``obsm['_scvi_extra_categorical_covs']`` / ``obsm['_scvi_extra_continuous_covs']``.
@@ -295,7 +220,7 @@ class ContrastiveVAE(
         perturbation_key
             obs column with each cell's perturbation label (e.g. its target gene).
         control
-            Label(s) of control cells, e.g. ``"non-targeting"``.
+            Label(s) of control cells, e.g. ``"non-targeting"`` or ``["NT1", "NT2"]``.
         exclude
             Label(s) to leave out of training, e.g. ``["multiple"]``.
         layer
@@ -314,10 +239,12 @@ class ContrastiveVAE(
         modality
             Modality to register when ``adata`` is a MuData.
         """
+        # One form for every later use: a list of labels, also in the saved setup arguments.
+        control = as_label_list(control)
         setup_method_args = cls._get_setup_method_args(**locals())
         parent_obs = adata.obs if isinstance(adata, MuData) else None
         adata = resolve_modality(adata, modality)
-        control_labels = as_label_list(control)
+        control_labels = control
         excluded_labels = as_label_list(exclude)
         categorical_covariate_keys = list(categorical_covariate_keys or [])
         continuous_covariate_keys = list(continuous_covariate_keys or [])
@@ -362,11 +289,9 @@ class ContrastiveVAE(
         self,
         max_epochs: int | None = None,
         batch_size: int = TRAINING_BATCH_SIZE,
-        train_size: float = 0.9,
+        train_size: float = TRAIN_SIZE,
         lr: float = LEARNING_RATE,
         n_epochs_kl_warmup: int | None = None,
-        n_epochs_responder_warmup: int | None = None,
-        n_epochs_responder_refinement: int = 0,
         early_stopping: bool = True,
         early_stopping_patience: int = 20,
         stratify_by_batch: bool = True,
@@ -392,29 +317,18 @@ class ContrastiveVAE(
         batch_size
             Cells per group per step (a step holds a control and a perturbed minibatch).
         train_size
-            Fraction of each group and batch used for training; the rest is the validation set.
+            Fraction of each group and batch used for training; the rest is the validation set
+            of early stopping. Every cell is tested afterwards, so the validation set needs only
+            to be large enough to tell when the ELBO stops improving.
         lr
             Adam learning rate.
         n_epochs_kl_warmup
-            Epochs over which the KL and Wasserstein weight rises from ~0 to 1. Default: a
+            Epochs over which the weight of the ELBO's KL part rises from ~0 to 1. Default: a
             quarter of ``max_epochs``.
-        n_epochs_responder_warmup
-            Epochs during which every perturbed cell is trained as a responder, so that the
-            decoder learns to use the salient latent before the responder variable is switched
-            on. Default: ``n_epochs_kl_warmup``. Ignored with ``responder=False``.
-        n_epochs_responder_refinement
-            Experimental, plain model only: after training, compute each training cell's
-            responder probability with :meth:`get_responder_probability` (on the training cells
-            alone) and train this many more epochs with it as the fixed posterior of the
-            responder variable. A cell called a non-responder is then trained like a control:
-            decoded without its salient latent and, with ``counterfactual_controls``, also with
-            it, through the controls' counterfactual term, so its salient latent no longer fits
-            its noise. The validation loss of these epochs is the ordinary one, and they do not
-            stop early.
-            ``0`` (the default) skips the stage.
         early_stopping
-            Stop when the validation ELBO has not improved for ``early_stopping_patience``
-            epochs (counted after the warm-up).
+            Stop when the negative ELBO of the validation cells (``elbo_validation``, at full KL
+            weight, without the penalties) has not fallen for ``early_stopping_patience`` epochs
+            (counted after the warm-up).
         early_stopping_patience
             See ``early_stopping``.
         stratify_by_batch
@@ -435,18 +349,13 @@ class ContrastiveVAE(
         **trainer_kwargs
             Further arguments of :class:`~scvi.train.Trainer` (e.g. ``gradient_clip_val``).
         """
-        if n_epochs_responder_refinement and self.module.responder:
-            raise ValueError(
-                "n_epochs_responder_refinement refines the plain model (responder=False); the "
-                "responder=True model sums over its own responder variable. Pass one or the other."
-            )
-        splitter_kwargs = {
-            "train_size": train_size,
-            "batch_size": batch_size,
-            "seed": seed,
-            "stratify_by_batch": stratify_by_batch,
-        }
-        data_splitter = self._data_splitter_cls(self.adata_manager, **splitter_kwargs)
+        data_splitter = self._data_splitter_cls(
+            self.adata_manager,
+            train_size=train_size,
+            batch_size=batch_size,
+            seed=seed,
+            stratify_by_batch=stratify_by_batch,
+        )
         if max_epochs is None:
             max_epochs = get_max_epochs_heuristic(data_splitter.n_train)
         if n_epochs_kl_warmup is None:
@@ -456,9 +365,7 @@ class ContrastiveVAE(
                 "No validation cells (train_size=%s): early stopping is off.", train_size
             )
             early_stopping = False
-        if n_epochs_responder_warmup is None:
-            n_epochs_responder_warmup = n_epochs_kl_warmup
-        plan_kwargs = {"lr": lr, **(plan_kwargs or {})}
+        plan_kwargs = {"lr": lr, "n_epochs_kl_warmup": n_epochs_kl_warmup, **(plan_kwargs or {})}
         trainer_kwargs = {
             "accelerator": accelerator,
             "devices": devices,
@@ -466,47 +373,21 @@ class ContrastiveVAE(
             "num_nodes": num_nodes,
             # PairedDataSplitter shards its own steps across processes (see PairedBatchSampler).
             "use_distributed_sampler": False,
-            "early_stopping_monitor": "loss_validation",
+            "early_stopping_monitor": MONITORED,
             "early_stopping_patience": early_stopping_patience,
             **trainer_kwargs,
         }
         trainer_kwargs.setdefault(
             "early_stopping_warmup_epochs", min(n_epochs_kl_warmup, max_epochs)
         )
-        warmups = {
-            "n_epochs_kl_warmup": n_epochs_kl_warmup,
-            "n_epochs_responder_warmup": n_epochs_responder_warmup,
-        }
-        completed = self._run_training(
-            data_splitter,
-            {**warmups, **plan_kwargs},
-            max_epochs,
-            early_stopping,
-            seed,
-            trainer_kwargs,
-        )
-        if not (completed and n_epochs_responder_refinement):
-            return
-        responder_weights = self._training_responder_weights(data_splitter.train_idx)
-        data_splitter = self._data_splitter_cls(
-            self.adata_manager, responder_weights=responder_weights, **splitter_kwargs
-        )
-        # The refinement continues a trained model: the KL terms keep their full weight.
-        refinement_plan = {"n_epochs_kl_warmup": None, "n_steps_kl_warmup": None, **plan_kwargs}
-        trainer_kwargs["early_stopping_warmup_epochs"] = 0
         self._run_training(
-            data_splitter,
-            refinement_plan,
-            n_epochs_responder_refinement,
-            False,
-            seed + 1,
-            trainer_kwargs,
+            data_splitter, plan_kwargs, max_epochs, early_stopping, seed, trainer_kwargs
         )
 
     def _run_training(
         self, data_splitter, plan_kwargs, max_epochs, early_stopping, seed, trainer_kwargs
-    ) -> bool:
-        """One Lightning run through scvi-tools' runner; ``False`` if Ctrl-C interrupted it."""
+    ) -> None:
+        """One Lightning run through scvi-tools' runner."""
         self.module.train()  # a trained model is left in eval mode; training resumes from it
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
         trainer_kwargs = dict(trainer_kwargs)
@@ -535,7 +416,7 @@ class ContrastiveVAE(
                 raise
             signal.signal(signal.SIGINT, interrupt_handler)
             self._keep_interrupted_training(data_splitter)
-            return False
+            return
         finally:
             self.module.eval()  # also after a diverged run, so latents stay deterministic
         if torch.distributed.is_initialized():
@@ -543,21 +424,6 @@ class ContrastiveVAE(
             # same trained model, so it gets the same history too. (Spawn-based strategies
             # return to a process outside the group, which reads rank 0's saved history.)
             self.history_ = runner.trainer.strategy.broadcast(self.history_, src=0)
-        return True
-
-    def _training_responder_weights(self, train_indices: np.ndarray) -> np.ndarray:
-        """Responder probabilities of the training cells, from a mixture fitted on them alone.
-
-        Held-out cells stay out of the fit, so that the encoder the refinement trains is still
-        a function of the training cells only, and the held-out distance test stays exact.
-        Controls get 0 and are decoded without s anyway; cells without a trained target are not
-        in the training set.
-        """
-        training_cells = self.adata[train_indices].copy()
-        probability = self.get_responder_probability(training_cells)
-        weights = np.zeros(self.adata.n_obs, dtype=np.float32)
-        weights[train_indices] = np.nan_to_num(probability, nan=0.0)
-        return weights
 
     @property
     def epochs_trained(self) -> int:
@@ -591,25 +457,17 @@ class ContrastiveVAE(
         self,
         adata: AnnData | MuData | None = None,
         indices: Sequence[int] | None = None,
-        kind: Literal["salient", "background", "response"] = "salient",
+        kind: Literal["salient", "background"] = "salient",
         give_mean: bool = True,
         batch_size: int = INFERENCE_BATCH_SIZE,
         modality: str = "rna",
     ) -> np.ndarray:
         """Posterior mean (or one sample) of the salient or background latent of each cell.
 
-        Control cells' salient latents are their encoder output, which training pulls towards 0;
-        it is not forced to 0, so it still shows whether a control looks perturbed.
-
-        ``kind="response"`` is the salient latent a cell's expression actually uses, y · s,
-        with y the responder variable: its posterior mean P(y = 1 | x) · E[s | x] (with
-        :meth:`get_responder_probability` at its defaults). A control or an escaper is decoded
-        with s = 0, so its response latent is 0 (near 0 for a likely escaper) and the noise the
-        salient encoder fits in a non-responder does not reach it. Use it to rank targets with
-        ``pt.tl.Distance``. Its permutation p-values are not calibrated (a control is 0 by
-        construction, so controls and a target's cells are not exchangeable): test targets
-        with :meth:`distance_test`, on held-out cells. Cells whose label is not a trained
-        target get NaN rows; subset to labelled cells first.
+        The salient latent of every cell may be compared across labels as long as the controls
+        compared with are the contrast controls (:meth:`distance_test` does so): training
+        treated them exactly as perturbed cells. The background controls, decoded without it,
+        sit nearer the origin by construction.
 
         Parameters
         ----------
@@ -619,8 +477,7 @@ class ContrastiveVAE(
         indices
             Cells to encode; default all.
         kind
-            ``"salient"`` (perturbation-specific), ``"background"`` (shared) or ``"response"``
-            (the salient latent weighted by the responder probability; posterior mean only).
+            ``"salient"`` (perturbation-specific) or ``"background"`` (shared).
         give_mean
             Return the posterior mean; otherwise one posterior sample.
         batch_size
@@ -634,17 +491,6 @@ class ContrastiveVAE(
         """
         if kind not in LATENT_KINDS:
             raise ValueError(f"kind must be one of {LATENT_KINDS}, got {kind!r}.")
-        if kind == "response":
-            if not give_mean:
-                raise ValueError(
-                    'kind="response" is a posterior mean; pass give_mean=True, or sample '
-                    'kind="salient" and get_responder_probability separately.'
-                )
-            salient = self.get_latent_representation(
-                adata, indices, "salient", batch_size=batch_size, modality=modality
-            )
-            probability = self.get_responder_probability(adata, indices, modality=modality)
-            return response_latent(salient, probability)
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
         n_cells = adata.n_obs if indices is None else len(indices)
@@ -668,8 +514,13 @@ class ContrastiveVAE(
 
     @property
     def cell_groups(self) -> np.ndarray:
-        """:class:`~pertpy_contrastive._constants.CellGroup` code of each registered cell."""
+        """:class:`~pertpy_contrastive.CellGroup` code of each registered cell."""
         return self.adata_manager.get_from_registry(GROUP_KEY).ravel().astype(int)
+
+    @property
+    def control_labels(self) -> list[str]:
+        """The labels of the control cells, as given to :meth:`setup_anndata`."""
+        return list(self.adata_manager.get_state_registry(GROUP_KEY)["control_labels"])
 
     @classmethod
     def load(
@@ -705,7 +556,7 @@ class ContrastiveVAE(
             attributes, var_names, _, _ = _load_saved_files(
                 dir_path, load_adata=False, prefix=kwargs.get("prefix"), map_location="cpu"
             )
-            registry = attributes["registry_"]
+            attributes["registry_"]
         except Exception as error:
             # torch.load of a damaged or foreign file fails deep in pickle (UnicodeDecodeError,
             # UnpicklingError, RuntimeError, EOFError, ...), with no hint of the file.
@@ -714,15 +565,30 @@ class ContrastiveVAE(
                 f"({type(error).__name__}: {error}). The file is damaged or was not written by "
                 "model.save(); save the model again."
             ) from error
-        _check_saved_model(registry, dir_path, cls.__name__)
+        _check_saved_model(attributes, dir_path, cls.__name__)
         if adata is not None:
             adata = resolve_modality(adata, modality)
             _check_same_genes(np.asarray(var_names), adata)
         return super().load(dir_path, adata=adata, **kwargs)
 
 
-def _check_saved_model(registry: dict, dir_path: str, expected: str) -> None:
-    """Refuse, with the way out, other models and models saved before the responder model (0.1)."""
+_REMOVED_OPTIONS = (
+    "wasserstein_weight",
+    "salient_encoder_sees_group",
+    "responder",
+    "responder_salient_scale",
+    "salient_effect",
+    "salient_cross_fitting",
+    "counterfactual_controls",
+    "counterfactual_share",
+    "independence_weight",
+)
+"""Constructor options of 0.2 that 0.3 removed (docs/design_notes.md tells why)."""
+
+
+def _check_saved_model(attributes: dict, dir_path: str, expected: str) -> None:
+    """Refuse, with the way out, other models and models of earlier versions."""
+    registry = attributes["registry_"]
     model_name = registry.get("model_name")
     if model_name != expected:
         raise ValueError(
@@ -732,10 +598,18 @@ def _check_saved_model(registry: dict, dir_path: str, expected: str) -> None:
     fields = registry["field_registries"]
     if GROUP_KEY in fields and TARGET_KEY not in fields:
         raise ValueError(
-            f"The model in {dir_path!r} was saved by pertpy-contrastive 0.1, before the responder "
-            "model: it has no target registry and no responder parameters, so it cannot be "
-            "loaded by this version. Retrain it with this version (its default, "
-            "responder=False, is the 0.1 model), or load it with `pip install 'pertpy-contrastive<0.2'`."
+            f"The model in {dir_path!r} was saved by pertpy-contrastive 0.1, which this version "
+            "cannot load: retrain it, or load it with `pip install 'pertpy-contrastive<0.2'`."
+        )
+    init_params = attributes.get("init_params_", {})
+    saved = {**init_params.get("non_kwargs", {}), **init_params.get("kwargs", {})}
+    removed = [f"{name}={saved[name]!r}" for name in _REMOVED_OPTIONS if name in saved]
+    if removed:
+        raise ValueError(
+            f"The model in {dir_path!r} was saved by pertpy-contrastive 0.2 with options that "
+            f"0.3 removed ({', '.join(removed)}), and its controls all trained the background, "
+            "so this version cannot load it. Retrain it with this version, or load it with "
+            "`pip install 'pertpy-contrastive<0.3'` (the last version that loads it)."
         )
 
 

@@ -228,6 +228,8 @@ class TargetEvidence(NamedTuple):
     """Cross-fitted ``log p(x | y = 1) - log p(x | y = 0)``, tempered by the overdispersion."""
     control_p_value: np.ndarray
     """Share of the controls whose ratio, under the same effect, is at least the cell's."""
+    effect_genes: np.ndarray
+    """Genes that pass the target-level test in all the target's cells (a boolean mask)."""
 
     @property
     def log_odds(self) -> np.ndarray:
@@ -261,9 +263,11 @@ def cross_fitted_evidence(
     """
     n_cells = counts.shape[0]
     folds = rng.permutation(n_cells) % max(2, min(n_folds, n_cells))
-    evidence = TargetEvidence(np.full(n_cells, np.nan), np.full(n_cells, np.nan))
     responding_genes, _ = select_effect_genes(
         counts, background, dispersion, allowed, gene_fdr, controls.information
+    )
+    evidence = TargetEvidence(
+        np.full(n_cells, np.nan), np.full(n_cells, np.nan), responding_genes.numpy()
     )
     if not responding_genes.any():
         return evidence

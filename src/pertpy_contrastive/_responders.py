@@ -1,7 +1,10 @@
 """Which cells responded: the responder posterior, Mixscape-style calls and responder fractions.
 
 A mixin of :class:`~pertpy_contrastive.ContrastiveVAE`, kept apart from training and the
-expression outputs. The generative model of the responder variable is in ``_module.py``.
+expression outputs. The responder mixture itself is in ``_responder_mixture.py``; here it runs on
+the background that the trained VAE reads in each cell, calibrated on the contrast controls,
+which training treated as it treated perturbed cells, so that an escaper and a contrast control
+are alike in everything training did to them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from ._data import resolve_modality
 CONTROL_CLASS = "NT"
 """Class of control cells, as in pertpy's Mixscape."""
 
+CONTROL_GROUPS = (CellGroup.BACKGROUND, CellGroup.CONTRAST)
+
 
 @dataclass(frozen=True)
 class CalibratedBackground:
@@ -54,8 +59,10 @@ class CalibratedBackground:
     groups: np.ndarray
     targets: np.ndarray
     controls: np.ndarray
+    """The contrast controls, which calibrate the background."""
     control_counts: torch.Tensor
-    """Counts of the reference controls (all, or ``MAX_REFERENCE_CONTROLS`` of them), float64."""
+    """Counts of the reference controls (the contrast controls, all or ``MAX_REFERENCE_CONTROLS``
+    of them), float64."""
     control_background: torch.Tensor
     """Calibrated background of the reference controls, decoded once for the offset fit."""
 
@@ -65,7 +72,7 @@ class CalibratedBackground:
 
     def of_target(self, index: int) -> np.ndarray:
         """Perturbed cells whose target has code ``index``."""
-        return np.flatnonzero((self.targets == index) & (self.groups != CellGroup.BACKGROUND))
+        return np.flatnonzero((self.targets == index) & (self.groups == CellGroup.TARGET))
 
     @cached_property
     def control_cells(self) -> mixture.ControlCells:
@@ -84,6 +91,8 @@ class ResponderEvidence:
     log_odds: np.ndarray
     """Posterior log odds: ``-inf`` for controls and for cells of targets without a detectable
     response, NaN for cells whose label is not a trained target."""
+    effect_genes: dict[str, np.ndarray]
+    """Per target label, the genes of its detectable response (a boolean mask over genes)."""
 
     @property
     def probability(self) -> np.ndarray:
@@ -100,7 +109,7 @@ class ResponderMixin:
         indices: Sequence[int] | None = None,
         gene_fdr: float = RESPONDER_GENE_FDR,
         n_folds: int = RESPONDER_FOLDS,
-        use_target_gene: bool = False,
+        use_target_gene: bool = True,
         seed: int = 0,
         modality: str = "rna",
     ) -> np.ndarray:
@@ -129,10 +138,13 @@ class ResponderMixin:
         n_folds
             Folds of the cross-fitting (at least 2).
         use_target_gene
-            Let the target's own gene (when the label is a gene of ``adata``) count as evidence.
-            Off by default: calls then rest on the downstream response, and the target gene's
-            mRNA in cells called KO against NP checks them independently. A knockdown without
-            any downstream effect is then not called a response (as in Mixscape).
+            Let the target's own gene (when the label is a gene of ``adata``) count as evidence,
+            like any other gene (the default): in CRISPRi screens the knockdown of the target
+            is often the whole effect. ``False`` rests the calls on the downstream response
+            alone, so that the target gene's mRNA in cells called KO against NP checks them
+            independently; a knockdown without any downstream effect is then not called a
+            response. :meth:`get_responder_fractions` reports whether the target's gene is
+            among the effect genes.
         seed
             Seed of the fold assignment (the result is reproducible).
         modality
@@ -154,7 +166,7 @@ class ResponderMixin:
         cells,
         gene_fdr=RESPONDER_GENE_FDR,
         n_folds=RESPONDER_FOLDS,
-        use_target_gene=False,
+        use_target_gene=True,
         seed=0,
     ) -> ResponderEvidence:
         """Compute the responder mixture's evidence for every cell of decoded ``cells``."""
@@ -163,8 +175,9 @@ class ResponderMixin:
             log_ratio=np.full(adata.n_obs, np.nan),
             control_p_value=np.full(adata.n_obs, np.nan),
             log_odds=np.full(adata.n_obs, np.nan),
+            effect_genes={},
         )
-        evidence.log_odds[cells.controls] = -np.inf
+        evidence.log_odds[np.isin(cells.groups, CONTROL_GROUPS)] = -np.inf
         rng = np.random.default_rng(seed)
         for index, label in enumerate(labels):
             members = cells.of_target(index)
@@ -184,6 +197,7 @@ class ResponderMixin:
             evidence.log_ratio[members] = target.log_ratio
             evidence.control_p_value[members] = target.control_p_value
             evidence.log_odds[members] = target.log_odds
+            evidence.effect_genes[label] = target.effect_genes
         return evidence
 
     def _calibrated_background(
@@ -199,12 +213,12 @@ class ResponderMixin:
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
         manager = self.get_anndata_manager(adata)
         groups = manager.get_from_registry(GROUP_KEY).ravel()
-        controls = np.flatnonzero(groups == CellGroup.BACKGROUND)
+        controls = np.flatnonzero(groups == CellGroup.CONTRAST)
         if len(controls) == 0:
             raise ValueError(
-                "These data have no control cells, which calibrate the background of the "
-                "responder calls and the differential expression. Use data that include the "
-                "controls of the screen."
+                "These data have no contrast controls (half of the control cells), which "
+                "calibrate the background of the responder calls and the differential "
+                "expression. Use data that include the controls of the screen."
             )
         counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         if posterior_means is None:
@@ -261,7 +275,7 @@ class ResponderMixin:
         labels = adata.obs[self.get_setup_arg("perturbation_key")].astype("string")
         groups = self.get_anndata_manager(adata).get_from_registry(GROUP_KEY).ravel()
         scored = ~np.isnan(probability)
-        is_control = groups == CellGroup.BACKGROUND
+        is_control = np.isin(groups, CONTROL_GROUPS)
         responded = scored & ~is_control & (np.nan_to_num(probability) > threshold)
         global_class = np.full(len(labels), None, dtype=object)
         global_class[scored & ~is_control] = "NP"
@@ -315,8 +329,10 @@ class ResponderMixin:
         Returns
         -------
         DataFrame indexed by target or guide, with columns ``target``, ``n_cells``,
-        ``responder_fraction``, ``ci_low``, ``ci_high`` and ``n_called`` (cells above
-        ``threshold``).
+        ``responder_fraction``, ``ci_low``, ``ci_high``, ``n_called`` (cells above
+        ``threshold``), ``n_effect_genes`` (genes of the target's detectable response) and
+        ``target_gene_in_effect`` (whether the target's own gene is one of them, i.e. counted
+        as evidence of response).
         """
         if by not in ("target", "guide"):
             raise ValueError(f"by must be 'target' or 'guide', got {by!r}.")
@@ -336,7 +352,7 @@ class ResponderMixin:
         guide_key = self.get_setup_arg("guide_key")
         groups = self.get_anndata_manager(adata).get_from_registry(GROUP_KEY).ravel()
         probability = evidence.probability
-        in_group = ~np.isnan(probability) & (groups != CellGroup.BACKGROUND)
+        in_group = ~np.isnan(probability) & (groups == CellGroup.TARGET)
         group_labels = adata.obs[guide_key if by == "guide" else perturbation_key].astype(str)
         target_labels = adata.obs[perturbation_key].astype(str).to_numpy()
         candidates = np.flatnonzero(in_group)
@@ -362,23 +378,31 @@ class ResponderMixin:
             # Never narrower than the spread of the cells' own probabilities.
             spread = stats.beta(1 + responded, 1 + n_cells - responded)
             spread_low, spread_high = spread.interval(level)
+            target = target_labels[members[0]]
+            effect_genes = evidence.effect_genes.get(target, np.zeros(adata.n_vars, bool))
             rows[group] = {
-                "target": target_labels[members[0]],
+                "target": target,
                 "n_cells": n_cells,
                 "responder_fraction": spread.mean(),
                 "ci_low": min(low, spread_low),
                 "ci_high": max(high, spread_high),
                 "n_called": int((cell_probability > threshold).sum()),
+                "n_effect_genes": int(effect_genes.sum()),
+                "target_gene_in_effect": bool(effect_genes[adata.var_names == target].any()),
             }
-        columns = ["target", "n_cells", "responder_fraction", "ci_low", "ci_high", "n_called"]
+        columns = [
+            "target",
+            "n_cells",
+            "responder_fraction",
+            "ci_low",
+            "ci_high",
+            "n_called",
+            "n_effect_genes",
+            "target_gene_in_effect",
+        ]
         summary = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
         summary.index.name = by
         return summary
-
-
-def response_latent(salient: np.ndarray, probability: np.ndarray) -> np.ndarray:
-    """Posterior mean of y * s: the salient latent weighted by the responder probability."""
-    return salient * probability[:, None]
 
 
 def select_cells(

@@ -1,9 +1,10 @@
-"""Lightning training of the Pyro module on the differentiable ELBO.
+"""Lightning training of the Pyro module: the objective's terms, summed, logged apart.
 
-scvi-tools' ``LowLevelPyroTrainingPlan`` already optimises ``Trace_ELBO.differentiable_loss`` with
-a torch optimiser under Lightning (no ``SVI.step``, no param store). This subclass adds what it
-lacks: a validation ELBO for early stopping, KL warm-up passed to model and guide, and a clear
-stop when the loss diverges.
+scvi-tools' ``LowLevelPyroTrainingPlan`` optimises ``Trace_ELBO.differentiable_loss`` with a torch
+optimiser under Lightning (no ``SVI.step``, no param store). This subclass optimises the module's
+``loss_terms`` instead, the ELBO's two parts and the penalty, so that each is logged as what it
+is; it adds a validation pass, KL warm-up of the ELBO's KL part, and a clear stop when the loss
+diverges.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from scvi.train import LowLevelPyroTrainingPlan
 from ._constants import CELL_WEIGHT_KEY, LEARNING_RATE
 from ._module import ContrastivePyroModule
 
+MONITORED = "elbo_validation"
+"""What early stopping watches: the negative ELBO of the validation cells, at full KL weight.
+
+It falls while the model improves, and no penalty enters it.
+"""
+
+
+_ELBO_PARTS = ("reconstruction_loss", "kl_local")
+
 
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
@@ -22,6 +32,15 @@ class TrainingDivergedError(FloatingPointError):
 
 class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
     """Training plan of :class:`~pertpy_contrastive.ContrastiveVAE`.
+
+    Logged once per epoch, as means per cell, for ``train`` and ``validation``:
+
+    - ``reconstruction_loss`` and ``kl_local``: the two parts of the negative ELBO;
+    - ``elbo``: their sum, the negative ELBO, as scvi-tools logs it (lower is better);
+    - ``background_mmd``: the weighted penalty;
+    - ``loss``: what is optimised, ``reconstruction_loss + kl_weight * kl_local`` plus the
+      penalty (at validation, ``kl_weight`` is 1);
+    - and ``kl_weight`` itself, for the training epochs.
 
     Parameters
     ----------
@@ -32,16 +51,12 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
     weight_decay
         Adam weight decay.
     n_epochs_kl_warmup
-        Epochs over which the weight of the latent KL and Wasserstein terms rises from
-        ``min_kl_weight`` to ``max_kl_weight``.
+        Epochs over which the weight of ``kl_local`` rises from ``min_kl_weight`` to
+        ``max_kl_weight``.
     n_steps_kl_warmup
         The same in steps; used only when ``n_epochs_kl_warmup`` is ``None``.
     min_kl_weight, max_kl_weight
-        Range of the warm-up weight (Pyro needs a positive scale, hence not 0).
-    n_epochs_responder_warmup
-        Epochs during which every perturbed cell is trained as a responder (the plain
-        contrastive VAE), so that the decoder learns to use the salient latent before the
-        responder variable is summed out. Validation always uses the full model.
+        Range of the warm-up weight.
     """
 
     def __init__(
@@ -53,16 +68,13 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
         n_steps_kl_warmup: int | None = None,
         min_kl_weight: float = 1e-6,
         max_kl_weight: float = 1.0,
-        n_epochs_responder_warmup: int = 0,
     ):
-        self.n_epochs_responder_warmup = n_epochs_responder_warmup
         # Per stage ("train", "validation"), the running sums of the logged terms, weighted by
         # cells, and the cells summed over.
         self._epoch_sums: dict[str, dict[str, torch.Tensor | float]] = {}
         self._epoch_cells: dict[str, int] = {}
         super().__init__(
             pyro_module,
-            loss_fn=pyro.infer.Trace_ELBO(),
             optim=torch.optim.Adam,
             optim_kwargs={"lr": lr, "weight_decay": weight_decay},
             n_epochs_kl_warmup=n_epochs_kl_warmup,
@@ -71,27 +83,20 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
             max_kl_weight=max_kl_weight,
         )
 
-    def _negative_elbo(
-        self,
-        batch: dict[str, torch.Tensor],
-        kl_weight: float,
-        all_respond: bool = False,
-        salient_scale: float | None = None,
-    ) -> torch.Tensor:
-        args, kwargs = self.module._get_fn_args_from_batch(batch)
+    def _loss_terms(self, batch: dict[str, torch.Tensor], kl_weight: float) -> dict:
+        """Return the module's terms for ``batch``, with the negative ELBO and the optimised total."""
+        inputs, kwargs = self.module._get_fn_args_from_batch(batch)
         # Inputs were validated once at setup; Pyro's per-step shape and support checks cost
         # about 5% of a step.
         with pyro.validation_enabled(False):
-            return self.differentiable_loss_fn(
-                self.module.model,
-                self.module.guide,
-                *args,
-                kl_weight=kl_weight,
-                n_obs=self.n_obs_training,
-                all_respond=all_respond,
-                salient_scale=salient_scale,
-                **kwargs,
-            )
+            terms = self.module.loss_terms(inputs, **kwargs)
+        reconstruction, kl_local = terms["reconstruction_loss"], terms["kl_local"]
+        penalties = sum(value for name, value in terms.items() if name not in _ELBO_PARTS)
+        return {
+            **terms,
+            "elbo": reconstruction + kl_local,
+            "loss": reconstruction + kl_weight * kl_local + penalties,
+        }
 
     def on_train_start(self):
         """Under DDP, give each process its own sampling noise, derived from the run's seed."""
@@ -105,24 +110,13 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
         fused = self.device.type in ("cpu", "cuda")
         return self.optim(self.module.parameters(), **self.optim_kwargs, fused=fused)
 
-    def _salient_scale(self) -> float | None:
-        """Responders' salient prior scale: 1 while all respond, then annealed to the module's."""
-        final = self.module.responder_salient_scale
-        if final is None:
-            return None
-        progress = (self.current_epoch - self.n_epochs_responder_warmup) / max(
-            1, self.n_epochs_responder_warmup
-        )
-        progress = min(max(progress, 0.0), 1.0)
-        return 1.0 + progress * (final - 1.0)
-
     def training_step(self, batch, batch_idx):
-        """Negative ELBO of one paired step, with the current KL warm-up weight."""
+        """Optimise the objective of one paired step, at the current KL warm-up weight."""
         kl_weight = float(self.kl_weight)
         # The forward pass updates batch-norm statistics; keep them to undo a diverged step.
         buffers = {name: buffer.clone() for name, buffer in self.module.named_buffers()}
-        all_respond = self.current_epoch < self.n_epochs_responder_warmup
-        loss = self._negative_elbo(batch, kl_weight, all_respond, self._salient_scale())
+        terms = self._loss_terms(batch, kl_weight)
+        loss = terms["loss"]
         finite = bool(torch.isfinite(loss))
         if self.trainer.world_size > 1:
             # Under DDP, a rank that raised alone would leave the others waiting for its
@@ -137,34 +131,24 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
                 "likelihood='nb', gradient clipping (gradient_clip_val=1.0), and check the "
                 "counts for extreme outliers. The model is left as it was before this step."
             )
-        n_cells = len(batch[CELL_WEIGHT_KEY])
-        self._accumulate_loss_terms(loss, "train", n_cells, kl_weight=kl_weight)
+        self._accumulate(terms, "train", len(batch[CELL_WEIGHT_KEY]), kl_weight=kl_weight)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        """Negative ELBO of one validation step, at full KL weight."""
-        loss = self._negative_elbo(batch, kl_weight=1.0, salient_scale=self._salient_scale())
-        self._accumulate_loss_terms(loss, "validation", len(batch[CELL_WEIGHT_KEY]))
+        """Add up the objective of one validation step, at full KL weight."""
+        terms = self._loss_terms(batch, kl_weight=1.0)
+        self._accumulate(terms, "validation", len(batch[CELL_WEIGHT_KEY]))
 
-    def _accumulate_loss_terms(
-        self, loss: torch.Tensor, stage: str, n_cells: int, **extra: float
-    ) -> None:
-        """Add a step's ``loss`` (the monitored total), negative ELBO and penalties to its stage.
+    def _accumulate(self, terms: dict, stage: str, n_cells: int, **extra: float) -> None:
+        """Add a step's terms to its stage's sums, weighted by its cells.
 
-        The penalties are guide factors, so ``Trace_ELBO`` adds them to the loss; the negative
-        ELBO is what remains. Penalties whose weight is 0 are not logged. Summed here and logged
-        once per epoch (:meth:`_log_epoch_means`) rather than through ``self.log`` at every
-        step: Lightning's per-step bookkeeping of five metrics took 11% of a CPU step.
+        Summed here and logged once per epoch (:meth:`_log_epoch_means`) rather than through
+        ``self.log`` at every step: Lightning's per-step bookkeeping of five metrics took 11% of
+        a CPU step.
         """
-        penalties = self.module.last_penalties
-        terms = {
-            "loss": loss.detach(),
-            "elbo": loss.detach() - sum(penalties.values()),
-            **penalties,
-            **extra,
-        }
         sums = self._epoch_sums.setdefault(stage, {})
-        for name, value in terms.items():
+        for name, value in {**terms, **extra}.items():
+            value = value.detach() if isinstance(value, torch.Tensor) else value
             sums[name] = sums.get(name, 0.0) + value * n_cells
         self._epoch_cells[stage] = self._epoch_cells.get(stage, 0) + n_cells
 
@@ -195,7 +179,7 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
         self._epoch_cells.pop("validation", None)
 
     def on_validation_epoch_end(self):
-        """Log the validation means (before early stopping reads ``loss_validation``)."""
+        """Log the validation means (before early stopping reads ``elbo_validation``)."""
         self._log_epoch_means("validation")
 
     def on_train_epoch_end(self):

@@ -2,8 +2,8 @@
 
 These are functions, not model methods: they read only what
 :meth:`~pertpy_contrastive.ContrastiveVAE.write_outputs` writes to the AnnData and the table
-:meth:`~pertpy_contrastive.ContrastiveVAE.distance_test` returns (which the command line stores in
-``uns['<prefix>_distance_test']``), so the outputs saved in an .h5ad can be plotted without the
+:meth:`~pertpy_contrastive.ContrastiveVAE.distance_test` returns (which ``write_outputs`` stores in
+``uns['<prefix>_target_calls']``), so the outputs saved in an .h5ad can be plotted without the
 model. None of them writes to the AnnData.
 """
 
@@ -309,16 +309,15 @@ def latents(
 def _distance_table(
     table: pd.DataFrame | AnnData | MuData, prefix: str, modality: str
 ) -> pd.DataFrame:
-    """Return the distance-test table, given or stored in ``uns['<prefix>_distance_test']``."""
+    """Return the distance-test table, given or stored in ``uns['<prefix>_target_calls']``."""
     if isinstance(table, AnnData | MuData):
         data = resolve_modality(table, modality)
-        key = f"{prefix}_distance_test"
+        key = f"{prefix}_target_calls"
         if key not in data.uns:
             raise KeyError(
-                f"uns[{key!r}] is missing. Pass the table of model.distance_test() (or "
-                "pc.tl.distance_test), or store it first: "
-                f"adata.uns[{key!r}] = model.distance_test() (the command line does so when "
-                "--train-size < 1)."
+                f"uns[{key!r}] is missing. Run model.write_outputs(adata) first, pass the "
+                "prefix= the outputs were written with, or pass the table of "
+                "model.distance_test() (or pc.tl.distance_test)."
             )
         table = data.uns[key]
     if isinstance(table, Mapping):
@@ -378,8 +377,8 @@ def perturbation_ranking(
         The DataFrame of :meth:`~pertpy_contrastive.ContrastiveVAE.distance_test` (or of
         :func:`~pertpy_contrastive.tl.distance_test` / ``pt.tl.DistanceTest``): columns
         ``distance`` and ``pvalue_adj``, indexed by group. Or an AnnData (a MuData's
-        ``modality``) that stores it in ``uns['<prefix>_distance_test']``, as the command line
-        does.
+        ``modality``) that stores it in ``uns['<prefix>_target_calls']``, as
+        :meth:`~pertpy_contrastive.ContrastiveVAE.write_outputs` does.
     alpha
         Level of the adjusted p-values (``pvalue_adj < alpha`` is significant).
     contrast
@@ -417,10 +416,7 @@ def perturbation_ranking(
             adata, perturbation_key="perturbation", control="non-targeting", batch_key="batch"
         )
         model = pc.ContrastiveVAE(adata)
-        model.train(
-            max_epochs=10, train_size=0.7, batch_size=32,
-            early_stopping=False, enable_progress_bar=False,
-        )
+        model.train(max_epochs=10, batch_size=32, early_stopping=False, enable_progress_bar=False)
         table = model.distance_test(n_perms=200)
         pc.pl.perturbation_ranking(table, alpha=0.05)
     """
@@ -641,6 +637,7 @@ def responder_probabilities(
 # --------------------------------------------------------------------------------------------
 
 _SPLITS = ("train", "validation")
+_MONITORED_TERM = "elbo"  # early stopping watches elbo_validation (_training_plan.MONITORED)
 
 
 def _split_key(key: str) -> tuple[str, str | None]:
@@ -667,7 +664,9 @@ def training_history(
     History keys are grouped by their term, with a ``_train`` / ``_validation`` suffix (or a
     ``train_`` / ``validation_`` prefix, as some scvi-tools models log) stripped: ``loss_train``
     and ``loss_validation`` share the panel ``loss``. Keys without a split (e.g. ``kl_weight``)
-    get a panel of their own; keys without any finite value are skipped.
+    get a panel of their own; keys without any finite value are skipped. In the ``elbo`` panel,
+    a dot marks the epoch of the lowest validation value, the one early stopping keeps watching
+    for (``elbo_validation``).
 
     Parameters
     ----------
@@ -755,6 +754,11 @@ def training_history(
                     label=split or term,
                     color={"train": "C0", "validation": "C1"}.get(split, "C2"),
                 )
+        if term == _MONITORED_TERM and "validation" in splits:
+            # What early stopping watches: mark its best epoch.
+            validation = splits["validation"]
+            best = validation.idxmin()
+            axis.plot(best, validation[best], "o", color="C3", label="lowest (early stopping)")
         axis.set_title(term)
         axis.set_xlabel("epoch")
         if len(axis.lines) > 1 or None not in splits:

@@ -9,25 +9,18 @@ FDRs and calls can be trusted before anyone reads its real targets.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import pertpy as pt
 from anndata import AnnData
 from scipy import stats
 
-from .._constants import DE_DELTA, DE_FDR_TARGET, CellGroup
-from .._expression import check_finite_latent
+from .._constants import DE_FDR_TARGET
+from .._data import as_label_list
 from .._model import ContrastiveVAE
-from .._responders import response_latent
 from ..pl._plots import finish_figure
-from ._cross_fitting import (
-    CROSS_FITTED_SALIENT_KEY,
-    cross_fitted_salient,
-    distance_test_within_folds,
-)
-from ._distance import distance_test
 
 PSEUDO_PREFIX = "pseudo:"
 
@@ -43,10 +36,9 @@ class CalibrationCheck:
     responder_probability: pd.Series
     """P(perturbed) of each pseudo-target cell, indexed by cell."""
     targets: pd.DataFrame
-    """The real targets' held-out distance test (:meth:`ContrastiveVAE.distance_test`), to
-    check that they are still found; empty with ``keep_targets=False``. With a ``batch_key``,
-    ``pvalue_within_batches`` is the same test with the labels permuted within batches; with
-    ``cross_fitting_folds``, ``pvalue_cross_fitted`` is the cross-fitted test within folds."""
+    """The real targets' distance test (:meth:`ContrastiveVAE.distance_test`), to check that
+    they are still found; empty with ``keep_targets=False``. With a ``batch_key``,
+    ``pvalue_within_batches`` is the same test with the labels permuted within batches."""
 
     def plot_qq(self, *, return_fig: bool = False, save: str | None = None):
         """QQ plot of the pseudo-targets' p-values against the uniform, one line per test.
@@ -84,12 +76,17 @@ class CalibrationCheck:
         return finish_figure(figure, return_fig=return_fig, save=save)
 
 
+DISTANCE_TEST = "distance_test, every cell"
+DISTANCE_TEST_WITHIN_BATCHES = "distance_test, every cell, within batches"
+DIFFERENTIAL_EXPRESSION = "differential_expression"
+
+
 def calibration_check(
     adata: AnnData,
     *,
     guide_key: str,
     perturbation_key: str = "perturbation",
-    control: str = "non-targeting",
+    control: str | Sequence[str] = "non-targeting",
     n_pseudo_targets: int | None = None,
     keep_targets: bool = True,
     batch_key: str | None = None,
@@ -98,7 +95,6 @@ def calibration_check(
     train_kwargs: dict | None = None,
     levels: tuple[float, ...] = (0.01, 0.05, 0.1),
     n_perms: int = 1000,
-    cross_fitting_folds: int = 0,
     seed: int = 0,
 ) -> CalibrationCheck:
     """Train on control guides relabelled as pseudo-targets and count what is found in them.
@@ -108,22 +104,13 @@ def calibration_check(
     :class:`~pertpy_contrastive.ContrastiveVAE` is set up and trained on a copy (``adata`` is
     not changed), then the whole pipeline runs on the pseudo-targets:
 
-    - ``"distance_test, held-out cells"``:
+    - ``"distance_test, every cell"``:
       :meth:`~pertpy_contrastive.ContrastiveVAE.distance_test`, the E-distance permutation test
-      on the salient latent of the validation cells, the test to call targets with;
-    - ``"DistanceTest, salient latent"``: ``pt.tl.DistanceTest("edistance")`` on the salient
-      latent of every cell, training cells included, for reference: the encoder fitted those
-      cells, so this one is not calibrated;
-    - ``"distance_test, response latent"``: :func:`~pertpy_contrastive.tl.distance_test` on
-      the response latent (``get_latent_representation(kind="response")``);
-    - with a ``batch_key``, the held-out and the every-cell salient tests again with the labels
-      permuted within batches (``strata_key``; ``"... within batches"``), since control guides
-      can be spread over the batches unequally;
-    - with ``cross_fitting_folds``, ``"DistanceTest, cross-fitted salient latent"``:
-      ``pt.tl.DistanceTest("edistance")`` on every cell's salient latent from
-      :func:`~pertpy_contrastive.tl.cross_fitted_salient`, each cell read by a model that did
-      not train on it, and ``"distance_test, cross-fitted salient latent, within folds"``, the
-      same with the labels permuted within folds (and batches, with a ``batch_key``);
+      on the salient latent of every cell against the contrast controls, the test that calls
+      targets (``uns['<prefix>_target_calls']`` of ``write_outputs``);
+    - with a ``batch_key``, the same test with the labels permuted within batches
+      (``"... within batches"``), since control guides can be spread over the batches
+      unequally;
     - ``"differential_expression"``: the Wald p-values of
       :meth:`~pertpy_contrastive.ContrastiveVAE.differential_expression` with every cell
       counting (``responders_only=False``);
@@ -144,7 +131,7 @@ def calibration_check(
     guide_key
         obs column of each cell's guide.
     perturbation_key, control
-        obs column of the labels, and the control label.
+        obs column of the labels, and the control label(s).
     n_pseudo_targets
         Control guides turned into pseudo-targets; default half of them. At least one control
         guide must stay a control.
@@ -158,20 +145,76 @@ def calibration_check(
     levels
         Nominal levels of the p-value checks.
     n_perms
-        Permutations of ``DistanceTest``.
-    cross_fitting_folds
-        Folds of the cross-fitted salient latent to test too (``n_folds`` of
-        :func:`~pertpy_contrastive.tl.cross_fitted_salient`, one more model trained per fold,
-        with ``model_kwargs`` and ``train_kwargs``); ``0`` (the default) skips it.
+        Permutations of the distance tests.
     seed
         Seed of the choice of pseudo-target guides.
 
     Returns
     -------
     The summary table, every p-value, the pseudo-targets' responder probabilities, the real
-    targets' held-out distance test (and their cross-fitted one), and
-    :meth:`CalibrationCheck.plot_qq`.
+    targets' distance test, and :meth:`CalibrationCheck.plot_qq`.
     """
+    control_labels = as_label_list(control)
+    data, pseudo_labels = _with_pseudo_targets(
+        adata,
+        guide_key,
+        perturbation_key,
+        control_labels,
+        n_pseudo_targets,
+        keep_targets,
+        batch_key,
+        layer,
+        seed,
+    )
+    ContrastiveVAE.setup_anndata(
+        data, perturbation_key=perturbation_key, control=control_labels, batch_key=batch_key
+    )
+    model = ContrastiveVAE(data, **(model_kwargs or {}))
+    model.train(**{"enable_progress_bar": False, **(train_kwargs or {})})
+
+    distance_tests = {DISTANCE_TEST: model.distance_test(n_perms=n_perms)}
+    if batch_key is not None:
+        distance_tests[DISTANCE_TEST_WITHIN_BATCHES] = model.distance_test(
+            n_perms=n_perms, strata_key=batch_key
+        )
+    probability = model.get_responder_probability()
+    every_cell = model.differential_expression(group1=pseudo_labels, responders_only=False)
+    responders_de = model.differential_expression(group1=pseudo_labels, probability=probability)
+    p_values = _pseudo_target_p_values(distance_tests, every_cell, pseudo_labels)
+    in_pseudo = data.obs[perturbation_key].isin(pseudo_labels).to_numpy()
+    pseudo_probability = pd.Series(probability[in_pseudo], index=data.obs_names[in_pseudo])
+    summary = _summary(
+        p_values,
+        levels,
+        pseudo_probability,
+        data.obs.loc[in_pseudo, perturbation_key].astype(str).to_numpy(),
+        responders_de.groupby("group1")[f"is_de_fdr_{DE_FDR_TARGET}"].any(),
+        len(pseudo_labels),
+    )
+    targets = distance_tests[DISTANCE_TEST].drop(index=pseudo_labels, errors="ignore")
+    if batch_key is not None:
+        stratified = distance_tests[DISTANCE_TEST_WITHIN_BATCHES]
+        targets["pvalue_within_batches"] = stratified["pvalue"].reindex(targets.index)
+    return CalibrationCheck(
+        summary=summary,
+        p_values=p_values,
+        responder_probability=pseudo_probability,
+        targets=targets,
+    )
+
+
+def _with_pseudo_targets(
+    adata,
+    guide_key,
+    perturbation_key,
+    control_labels,
+    n_pseudo_targets,
+    keep_targets,
+    batch_key,
+    layer,
+    seed,
+) -> tuple[AnnData, list[str]]:
+    """Return a new AnnData of the counts in which some control guides are pseudo-targets."""
     for key in (guide_key, perturbation_key):
         if key not in adata.obs:
             raise KeyError(
@@ -179,7 +222,7 @@ def calibration_check(
                 "the perturbation labels (perturbation_key=), e.g. from "
                 "pc.pp.perturbation_labels(mdata, guide_key_added='guide')."
             )
-    is_control = (adata.obs[perturbation_key] == control).to_numpy()
+    is_control = adata.obs[perturbation_key].isin(control_labels).to_numpy()
     control_guides = sorted(adata.obs.loc[is_control, guide_key].dropna().astype(str).unique())
     if n_pseudo_targets is None:
         n_pseudo_targets = max(1, len(control_guides) // 2)
@@ -203,118 +246,36 @@ def calibration_check(
         var=pd.DataFrame(index=adata.var_names.copy()),
     )
     data.obs[perturbation_key] = pd.Categorical(labels[cells])
-    ContrastiveVAE.setup_anndata(
-        data, perturbation_key=perturbation_key, control=control, batch_key=batch_key
-    )
-    model = ContrastiveVAE(data, **(model_kwargs or {}))
-    model.train(**{"enable_progress_bar": False, **(train_kwargs or {})})
+    return data, [PSEUDO_PREFIX + guide for guide in pseudo_guides]
 
-    pseudo_labels = [PSEUDO_PREFIX + guide for guide in pseudo_guides]
-    # One encoding pass and one decoding of the background serve the salient latent, the
-    # responder calls and both DE tests (as in write_outputs).
-    posterior_means = model._posterior_means(data, None)
-    checked, cells = model._calibrated_background(data, "rna", posterior_means=posterior_means)
-    probability = model._responder_evidence(checked, cells).probability
-    salient = posterior_means["s"].cpu().numpy()
-    check_finite_latent(salient)
-    data.obsm["X_salient"] = salient
-    data.obsm["X_response"] = response_latent(salient, probability)
-    if cross_fitting_folds:
-        cross_fitted_salient(
-            data,
-            n_folds=cross_fitting_folds,
-            model_kwargs=model_kwargs,
-            train_kwargs=train_kwargs,
-            seed=seed,
-        )
-    tested = data[data.obs[perturbation_key].isin([control, *pseudo_labels])].copy()
-    tested.obs[perturbation_key] = tested.obs[perturbation_key].astype(str)
-    held_out = model.distance_test(n_perms=n_perms)
-    is_target = ~held_out.index.isin([control, *pseudo_labels])
-    within_batches = {}
-    if batch_key is not None:
-        within_batches = {
-            "distance_test, held-out cells, within batches": model.distance_test(
-                n_perms=n_perms, strata_key=batch_key
-            ),
-            "DistanceTest, salient latent, within batches": distance_test(
-                tested,
-                groupby=perturbation_key,
-                contrast=control,
-                obsm_key="X_salient",
-                n_perms=n_perms,
-                strata_key=batch_key,
-            ),
+
+def _pseudo_target_p_values(distance_tests, every_cell, pseudo_labels) -> pd.DataFrame:
+    """Every p-value of the pseudo-targets, one row per test, pseudo-target and gene."""
+    distance_rows = [
+        pd.DataFrame(
+            {
+                "test": test,
+                "pseudo_target": pseudo_labels,
+                "gene": None,
+                "p_value": table["pvalue"].reindex(pseudo_labels).to_numpy(dtype=float),
+            }
+        ).dropna(subset="p_value")
+        for test, table in distance_tests.items()
+    ]
+    de_rows = pd.DataFrame(
+        {
+            "test": DIFFERENTIAL_EXPRESSION,
+            "pseudo_target": every_cell["group1"].to_numpy(),
+            "gene": every_cell.index.to_numpy(),
+            "p_value": every_cell["p_value"].to_numpy(),
         }
-    distance_p_values = {
-        "distance_test, held-out cells": held_out,
-        "DistanceTest, salient latent": pt.tl.DistanceTest(
-            "edistance", n_perms=n_perms, obsm_key="X_salient"
-        )(tested, groupby=perturbation_key, contrast=control, show_progressbar=False),
-        "distance_test, response latent": distance_test(
-            tested,
-            groupby=perturbation_key,
-            contrast=control,
-            obsm_key="X_response",
-            n_perms=n_perms,
-        ),
-        **within_batches,
-    }
-    cross_fitted_targets = None
-    if cross_fitting_folds:
-        distance_p_values["DistanceTest, cross-fitted salient latent"] = pt.tl.DistanceTest(
-            "edistance", n_perms=n_perms, obsm_key=CROSS_FITTED_SALIENT_KEY
-        )(tested, groupby=perturbation_key, contrast=control, show_progressbar=False)
-        # Every labelled cell: the real targets' tests ride along, to show the power kept.
-        cross_fitted_targets = distance_test_within_folds(
-            data,
-            model.cell_groups != CellGroup.EXCLUDED,
-            perturbation_key=perturbation_key,
-            control=control,
-            batch_key=batch_key,
-            n_perms=n_perms,
-        )
-        distance_p_values["distance_test, cross-fitted salient latent, within folds"] = (
-            cross_fitted_targets
-        )
-    every_cell = model._differential_expression(
-        checked, cells, pseudo_labels, None, DE_DELTA, DE_FDR_TARGET
     )
-    responders_de = model._differential_expression(
-        checked, cells, pseudo_labels, probability, DE_DELTA, DE_FDR_TARGET
-    )
+    return pd.concat([*distance_rows, de_rows], ignore_index=True)
 
-    p_values = pd.concat(
-        [
-            *(
-                pd.DataFrame(
-                    {
-                        "test": test,
-                        "pseudo_target": pseudo_labels,
-                        "gene": None,
-                        # A pseudo-target without held-out cells is not tested.
-                        "p_value": table["pvalue"].reindex(pseudo_labels).to_numpy(dtype=float),
-                    }
-                ).dropna(subset="p_value")
-                for test, table in distance_p_values.items()
-            ),
-            pd.DataFrame(
-                {
-                    "test": "differential_expression",
-                    "pseudo_target": every_cell["group1"].to_numpy(),
-                    "gene": every_cell.index.to_numpy(),
-                    "p_value": every_cell["p_value"].to_numpy(),
-                }
-            ),
-        ],
-        ignore_index=True,
-    )
-    in_pseudo = data.obs[perturbation_key].isin(pseudo_labels).to_numpy()
-    pseudo_probability = pd.Series(probability[in_pseudo], index=data.obs_names[in_pseudo])
-    called = pd.Series(pseudo_probability > 0.5).groupby(
-        data.obs.loc[in_pseudo, perturbation_key].astype(str).to_numpy()
-    )
-    flagged = responders_de.groupby("group1")[f"is_de_fdr_{DE_FDR_TARGET}"].any()
+
+def _summary(p_values, levels, pseudo_probability, pseudo_labels, flagged, n_pseudo_targets):
+    """One row per check and level: the observed rate against the nominal one."""
+    called = pd.Series(pseudo_probability.to_numpy() > 0.5).groupby(pseudo_labels)
     rows = []
     for test, table in p_values.groupby("test"):
         uniformity = stats.kstest(table["p_value"], "uniform").pvalue
@@ -348,15 +309,4 @@ def calibration_check(
             "n": len(pseudo_probability),
         },
     ]
-    targets = held_out[is_target].copy()
-    if batch_key is not None:
-        stratified = within_batches["distance_test, held-out cells, within batches"]
-        targets["pvalue_within_batches"] = stratified["pvalue"].reindex(targets.index)
-    if cross_fitted_targets is not None:
-        targets["pvalue_cross_fitted"] = cross_fitted_targets["pvalue"].reindex(targets.index)
-    return CalibrationCheck(
-        summary=pd.DataFrame(rows),
-        p_values=p_values,
-        responder_probability=pseudo_probability,
-        targets=targets,
-    )
+    return pd.DataFrame(rows)
