@@ -31,7 +31,7 @@ def check(screen_with_control_guides):
         guide_key="guide",
         control=CONTROL,
         batch_key="batch",
-        train_kwargs={"max_epochs": 40, "batch_size": 64, "early_stopping": False},
+        train_kwargs={"max_epochs": 40, "batch_size": 32, "early_stopping": False},
         n_perms=200,
     )
     screen_with_control_guides.uns["before_check"] = before
@@ -102,9 +102,10 @@ def test_calibration_check_takes_several_control_labels(screen_with_control_guid
         adata,
         guide_key="guide",
         control=["NT1", "NT2"],
+        n_pseudo_targets=2,  # of six guides: each label keeps at least one
         keep_targets=False,
         train_kwargs={"max_epochs": 5, "batch_size": 16, "early_stopping": False},
         n_perms=50,
     )
     tested = check.p_values[check.p_values["test"] == "distance_test, every cell"]
-    assert len(tested) == 3 and tested["p_value"].between(0, 1).all()
+    assert len(tested) == 2 and tested["p_value"].between(0, 1).all()

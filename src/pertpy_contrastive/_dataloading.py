@@ -263,12 +263,18 @@ class PairedDataSplitter(pl.LightningDataModule):
 
         trained = self.groups[self.train_idx]
         for name, n_group in (
-            ("control", int((trained == CellGroup.BACKGROUND).sum())),
-            ("perturbed", int(np.isin(trained, [CellGroup.TARGET, CellGroup.CONTRAST]).sum())),
+            (
+                "background controls (the half of the controls that trains the background)",
+                int((trained == CellGroup.BACKGROUND).sum()),
+            ),
+            (
+                "perturbed cells and contrast controls",
+                int(np.isin(trained, [CellGroup.TARGET, CellGroup.CONTRAST]).sum()),
+            ),
         ):
             if n_group < batch_size:
                 raise ValueError(
-                    f"Only {n_group} {name} cells are available for training, fewer than one "
+                    f"Only {n_group} {name} are available for training, fewer than one "
                     f"minibatch (batch_size={batch_size}). Pass a smaller batch_size, e.g. "
                     f"batch_size={max(2, n_group // 2)}."
                 )

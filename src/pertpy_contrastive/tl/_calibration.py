@@ -166,8 +166,10 @@ def calibration_check(
         layer,
         seed,
     )
+    # A control label whose guides all became pseudo-targets has no cells left.
+    remaining = [label for label in control_labels if (data.obs[perturbation_key] == label).any()]
     ContrastiveVAE.setup_anndata(
-        data, perturbation_key=perturbation_key, control=control_labels, batch_key=batch_key
+        data, perturbation_key=perturbation_key, control=remaining, batch_key=batch_key
     )
     model = ContrastiveVAE(data, **(model_kwargs or {}))
     model.train(**{"enable_progress_bar": False, **(train_kwargs or {})})
