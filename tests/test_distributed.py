@@ -16,9 +16,10 @@ from pertpy_contrastive._dataloading import PairedBatchSampler
 TESTS = Path(__file__).parent
 
 
-def _run(n_processes: int, out_dir: Path) -> list[dict]:
+def _run(n_processes: int, out_dir: Path, mode: str | None = None) -> list[dict]:
     out_dir.mkdir()
     worker = [str(TESTS / "_ddp_worker.py"), str(out_dir), str(n_processes)]
+    worker += [mode] if mode else []
     if n_processes > 1:
         launcher = [
             "-m",
@@ -27,12 +28,15 @@ def _run(n_processes: int, out_dir: Path) -> list[dict]:
             f"--nproc_per_node={n_processes}",
         ]
         worker = launcher + worker
-    environment = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     # scvi-tools' logger writes lightning_logs/ into the working directory.
     done = subprocess.run(
         [sys.executable, *worker], cwd=out_dir, env=environment, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    if mode == "interrupt":
+        return []
     return [
         json.loads((out_dir / f"result_{rank}.json").read_text()) for rank in range(n_processes)
     ]
@@ -65,6 +69,27 @@ def test_history_and_early_stopping_agree_across_processes(runs):
     distributed_loss = ranks[0]["history"]["elbo_validation"][-1]
     # Two processes take half as many optimiser steps per epoch, each on two minibatches.
     assert abs(distributed_loss - single_loss) / single_loss < 0.1
+
+
+def test_two_processes_resume_from_a_checkpoint_to_the_uninterrupted_weights(tmp_path):
+    """Stopped at epoch 3 of 6 and resumed, DDP training ends where it would have ended.
+
+    Exactly: every step's sampling noise is seeded from (seed, epoch, step, process), and the
+    checkpoint holds the weights, Adam's state, the epoch and the history so far.
+    """
+    _run(2, tmp_path / "interrupt", "interrupt")
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    resumed = _run(2, tmp_path / "resume", "resume")
+    whole = _run(2, tmp_path / "full", "full")
+    for rank in (0, 1):
+        torch.testing.assert_close(
+            torch.load(tmp_path / "resume" / f"parameters_{rank}.pt"),
+            torch.load(tmp_path / "full" / f"parameters_{rank}.pt"),
+            rtol=0,
+            atol=0,
+        )
+    assert resumed[0]["history"] == whole[0]["history"]
+    assert len(whole[0]["history"]["elbo_train"]) == 6
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

@@ -418,7 +418,7 @@ def test_interrupted_training_keeps_a_usable_model(screen):
     handler = signal.getsignal(signal.SIGINT)
     with pytest.warns(UserWarning, match="interrupted after 2 completed epochs"):
         quick_train(model, max_epochs=10, callbacks=[_InterruptDuringEpoch(2)])
-    assert model.is_trained
+    assert model.is_trained and model.training_status == "interrupted"
     assert len(model.history["loss_train"]) == 2
     assert signal.getsignal(signal.SIGINT) is handler  # Lightning had set it to SIG_IGN
     assert np.isfinite(model.get_latent_representation(kind="salient")).all()

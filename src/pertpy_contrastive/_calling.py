@@ -21,7 +21,7 @@ from sklearn.metrics import pairwise_distances
 from statsmodels.stats.multitest import multipletests
 
 from ._constants import CellGroup
-from ._data import resolve_modality
+from ._data import InvalidValueError, MissingKeyError, resolve_modality
 
 TESTED_GROUPS = (CellGroup.TARGET, CellGroup.CONTRAST)
 """Groups whose cells the distance test compares: targets, and the contrast controls."""
@@ -143,7 +143,7 @@ def permutation_distance_test(
 def check_strata_key(obs: pd.DataFrame, strata_key: str) -> None:
     """Raise a KeyError naming the fix if ``strata_key`` is not a column of ``obs``."""
     if strata_key not in obs:
-        raise KeyError(
+        raise MissingKeyError(
             f"strata_key {strata_key!r} is not a column of adata.obs (columns: "
             f"{list(obs.columns)}). Pass the obs column of the batches to permute within, e.g. "
             "the replicate."
@@ -159,7 +159,7 @@ def _stratified_test(adata, test, groupby, contrast, obsm_key, strata_key, seed)
     check_strata_key(adata.obs, strata_key)
     metric = test.distance.metric_fct
     if not metric.accepts_precomputed:
-        raise ValueError(
+        raise InvalidValueError(
             f"Permutations within strata need a metric that accepts precomputed distances; "
             f"{test.metric!r} does not. Use metric='edistance', or strata_key=None."
         )

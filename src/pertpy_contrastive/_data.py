@@ -23,6 +23,40 @@ from ._constants import CONTRAST_SHARE, GROUP_KEY, NO_TARGET, TARGET_KEY, CellGr
 
 logger = logging.getLogger(__name__)
 
+
+class InvalidInputError(Exception):
+    """Data or arguments the package cannot use; the message names the problem and the fix.
+
+    Every error the package raises on purpose about its input is one, under the built-in type
+    a caller would expect (``ValueError``, ``KeyError``, ...): the command line reports these as
+    bad input (exit code 2), and anything else as a failure.
+    """
+
+
+class InvalidValueError(InvalidInputError, ValueError):
+    """A value that cannot be used."""
+
+
+class MissingKeyError(InvalidInputError, KeyError):
+    """A key (column, layer, modality, ...) that is not there."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message; this one reads as a sentence.
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidTypeError(InvalidInputError, TypeError):
+    """An argument or column of the wrong type."""
+
+
+class MissingFileError(InvalidInputError, FileNotFoundError):
+    """A file or directory that does not exist."""
+
+
+class ExistingFileError(InvalidInputError, FileExistsError):
+    """A file that exists and may not be replaced."""
+
+
 # Labels that guide-assignment tools use for "no usable guide"; seeing one that the user did not
 # exclude almost always means the cells would wrongly be trained on as a perturbation.
 _UNASSIGNED_LOOKING_LABELS = {"negative", "multiple", "unassigned", "none", "nan", "na", ""}
@@ -43,24 +77,24 @@ def resolve_modality(data: AnnData | MuData, modality: str) -> AnnData:
     """Return the AnnData to model: ``data`` itself, or its ``modality`` if it is a MuData."""
     if isinstance(data, MuData):
         if modality not in data.mod:
-            raise KeyError(
+            raise MissingKeyError(
                 f"The MuData has no modality {modality!r}; its modalities are {list(data.mod)}. "
                 "Pass modality=<name of the RNA modality>."
             )
         return data.mod[modality]
     if isinstance(data, AnnData):
         return data
-    raise TypeError(f"Expected an AnnData or a MuData, got {type(data).__name__}.")
+    raise InvalidTypeError(f"Expected an AnnData or a MuData, got {type(data).__name__}.")
 
 
 def get_count_matrix(adata: AnnData, layer: str | None):
     """Return ``adata.X`` or ``adata.layers[layer]`` without copying it."""
     if layer is None:
         if adata.X is None:
-            raise ValueError("adata.X is empty. Pass layer=<name of the raw counts layer>.")
+            raise InvalidValueError("adata.X is empty. Pass layer=<name of the raw counts layer>.")
         return adata.X
     if layer not in adata.layers:
-        raise KeyError(
+        raise MissingKeyError(
             f"Layer {layer!r} not found. Available layers: {list(adata.layers)}. "
             "Pass layer=None to use adata.X."
         )
@@ -89,12 +123,12 @@ def validate_counts(matrix, source: str, obs_names: Sequence[str]) -> None:
     for start, chunk in _row_chunks(matrix):
         values = chunk.data if sp.issparse(chunk) else np.asarray(chunk)
         if not np.isfinite(values).all():
-            raise ValueError(
+            raise InvalidValueError(
                 f"{source} contains NaN or infinite values. ContrastiveVAE models raw UMI counts: "
                 "pass the layer that holds them with layer=<name>, or fix the missing values."
             )
         if (values < 0).any():
-            raise ValueError(
+            raise InvalidValueError(
                 f"{source} contains negative values, so it is not raw counts (scaled or "
                 "centred data?). Pass the raw UMI counts with layer=<name>."
             )
@@ -103,7 +137,7 @@ def validate_counts(matrix, source: str, obs_names: Sequence[str]) -> None:
         empty_cells.extend((np.flatnonzero(totals == 0) + start).tolist())
     if empty_cells:
         examples = ", ".join(str(obs_names[i]) for i in empty_cells[:5])
-        raise ValueError(
+        raise InvalidValueError(
             f"{len(empty_cells)} cells have zero total counts in {source} (e.g. {examples}). "
             "Their library size is zero, so they cannot be modelled. Remove them first, e.g. "
             "`adata = adata[adata.X.sum(1).A1 > 0].copy()` or `sc.pp.filter_cells(adata, min_counts=1)`."
@@ -146,7 +180,7 @@ def validate_covariates(
             raise _missing_key_error(adata, key, role, parent_obs)
         n_missing = int(adata.obs[key].isna().sum())
         if n_missing:
-            raise ValueError(
+            raise InvalidValueError(
                 f"obs[{key!r}] ({role}) has {n_missing} missing values. Fill them with an "
                 f"explicit category (e.g. `adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)"
                 ".replace('nan', 'unknown')`) or drop those cells."
@@ -156,13 +190,13 @@ def validate_covariates(
             raise _missing_key_error(adata, key, "Continuous covariate", parent_obs)
         column = adata.obs[key]
         if not pd.api.types.is_numeric_dtype(column):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"Continuous covariate obs[{key!r}] is not numeric (dtype {column.dtype}). "
                 "Pass it in categorical_covariate_keys instead, or convert it to numbers."
             )
         n_bad = int((~np.isfinite(column.to_numpy(dtype=float))).sum())
         if n_bad:
-            raise ValueError(
+            raise InvalidValueError(
                 f"Continuous covariate obs[{key!r}] has {n_bad} NaN or infinite values. "
                 "Impute them (e.g. with the median) or drop those cells."
             )
@@ -215,26 +249,26 @@ def _check_groups(text, groups, missing, control_labels, excluded_labels, pertur
     absent = [label for label in control_labels if label not in counts.index]
     if absent:
         shown = ", ".join(f"{label!r} ({n})" for label, n in counts.head(15).items())
-        raise ValueError(
+        raise InvalidValueError(
             f"Control label(s) {absent} not found in obs[{perturbation_key!r}]. Labels present "
             f"(cells): {shown}{', ...' if len(counts) > 15 else ''}. Pass control=<the label of "
             "your non-targeting or control cells>."
         )
     sizes = {group: int((groups == group).sum()) for group in CellGroup}
     if sizes[CellGroup.BACKGROUND] + sizes[CellGroup.CONTRAST] == 0:
-        raise ValueError(
+        raise InvalidValueError(
             f"No control cells: every cell labelled {control_labels} in obs[{perturbation_key!r}] "
             "is excluded. Controls define the background; remove them from exclude=."
         )
     if not sizes[CellGroup.BACKGROUND] or not sizes[CellGroup.CONTRAST]:
-        raise ValueError(
+        raise InvalidValueError(
             f"Only {sizes[CellGroup.BACKGROUND] + sizes[CellGroup.CONTRAST]} control "
             "cells: the model trains half of the controls as the background and tests the "
             "targets against the other half, and one of the halves is empty. Add control "
             "cells (a screen needs at least dozens)."
         )
     if not sizes[CellGroup.TARGET]:
-        raise ValueError(
+        raise InvalidValueError(
             f"No perturbed cells: every labelled cell in obs[{perturbation_key!r}] is a control "
             "or excluded. Check control= and exclude=."
         )
@@ -292,7 +326,7 @@ class _PerturbationObsField(BaseAnnDataField):
 
     def validate_field(self, adata: AnnData) -> None:
         if self.perturbation_key not in adata.obs:
-            raise KeyError(
+            raise MissingKeyError(
                 f"Perturbation key {self.perturbation_key!r} is not a column of obs. Available "
                 f"columns: {list(adata.obs.columns)}."
             )

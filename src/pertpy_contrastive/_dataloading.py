@@ -23,6 +23,7 @@ from scvi.data import AnnDataManager
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ._constants import CELL_WEIGHT_KEY, GROUP_KEY, TRAIN_SIZE, TRAINING_BATCH_SIZE, CellGroup
+from ._data import InvalidValueError
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class PairedBatchSampler(Sampler):
             if len(background) == 0 or len(perturbed) == 0:
                 if strict:
                     missing = "control" if len(background) == 0 else "perturbed"
-                    raise ValueError(
+                    raise InvalidValueError(
                         f"The {name} has no {missing} cells to train on, so its cells cannot be "
                         "contrasted within their batch. Drop that batch, merge it with another, "
                         "or pass batch_key=None."
@@ -158,7 +159,7 @@ class PairedBatchSampler(Sampler):
     def shard(self, rank: int, num_replicas: int) -> None:
         """Yield only the share of the steps of ``rank`` out of ``num_replicas`` processes."""
         if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}.")
+            raise InvalidValueError(f"rank must be in [0, {num_replicas}), got {rank}.")
         self.rank = rank
         self.num_replicas = num_replicas
 
@@ -233,7 +234,7 @@ class PairedDataSplitter(pl.LightningDataModule):
     ):
         super().__init__()
         if not 0 < train_size <= 1:
-            raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+            raise InvalidValueError(f"train_size must be in (0, 1], got {train_size}.")
         self.adata_manager = adata_manager
         self.batch_size = batch_size
         self.seed = seed
@@ -273,7 +274,7 @@ class PairedDataSplitter(pl.LightningDataModule):
             ),
         ):
             if n_group < batch_size:
-                raise ValueError(
+                raise InvalidValueError(
                     f"Only {n_group} {name} are available for training, fewer than one "
                     f"minibatch (batch_size={batch_size}). Pass a smaller batch_size, e.g. "
                     f"batch_size={max(2, n_group // 2)}."

@@ -42,7 +42,7 @@ from scvi.model.base._de_core import _fdr_de_prediction
 from . import _responder_mixture as mixture
 from ._calling import contrast_label
 from ._constants import DE_DELTA, DE_FDR_TARGET, TARGET_KEY
-from ._data import as_label_list
+from ._data import InvalidValueError, as_label_list
 from ._responders import dense_counts
 
 _SCORING_STEPS = 25
@@ -124,14 +124,14 @@ class DifferentialExpressionMixin:
         """
         perturbation_key = self.get_setup_arg("perturbation_key")
         if groupby is not None and groupby != perturbation_key:
-            raise ValueError(
+            raise InvalidValueError(
                 f"groupby={groupby!r}: the model compares the groups of the column it was set "
                 f"up with, {perturbation_key!r}. Pass groupby={perturbation_key!r} or leave it "
                 "unset."
             )
         controls = self.control_labels
         if group2 is not None and not set(as_label_list(group2)) <= set(controls):
-            raise ValueError(
+            raise InvalidValueError(
                 f"group2={group2!r}: the comparison is with each cell's own background, which "
                 f"the controls ({controls}) calibrate. Leave group2 unset, or compare two "
                 "targets through their separate comparisons with the controls."
@@ -143,7 +143,7 @@ class DifferentialExpressionMixin:
             requested = [group1] if isinstance(group1, str) else list(group1)
             unknown = [label for label in requested if label not in tested]
             if unknown:
-                raise ValueError(
+                raise InvalidValueError(
                     f"group1 {unknown} are not trained targets with cells in these data "
                     f"(column {perturbation_key!r}). Trained targets with cells: {tested}."
                 )
@@ -151,7 +151,7 @@ class DifferentialExpressionMixin:
         if responders_only and probability is None:
             probability = self._responder_evidence(adata, cells).probability
         elif responders_only and len(probability) != adata.n_obs:
-            raise ValueError(
+            raise InvalidValueError(
                 f"probability has {len(probability)} values for {adata.n_obs} cells. Pass the "
                 "responder probabilities of these cells, get_responder_probability(adata), or "
                 "leave probability unset."

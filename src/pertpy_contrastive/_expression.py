@@ -20,7 +20,8 @@ from mudata import MuData
 from scvi.utils import track
 
 from ._constants import GROUP_KEY, INFERENCE_BATCH_SIZE, NORMALISED_LIBRARY_SIZE, CellGroup
-from ._data import resolve_modality
+from ._data import ExistingFileError, InvalidValueError, MissingKeyError, resolve_modality
+from ._files import written_whole
 from ._responders import dense_counts, select_cells
 
 ROLE_NAMES = {
@@ -53,23 +54,25 @@ def _layer_selection(adata, dense_layers, layers_file, gene_list, cell_indices, 
     """Positions of the cells and genes of the layers file, after checking the arguments."""
     if layers_file is None:
         if gene_list is not None or cell_indices is not None:
-            raise ValueError(
+            raise InvalidValueError(
                 "gene_list and cell_indices select the layers written to layers_file=; a layer "
                 "of the AnnData covers every cell and gene. Pass layers_file=<new .h5ad path>, "
                 "or get_denoised_expression(indices=...) for an array."
             )
         return None, None
     if not dense_layers:
-        raise ValueError("layers_file= streams the dense layers; it needs dense_layers=True.")
+        raise InvalidValueError(
+            "layers_file= streams the dense layers; it needs dense_layers=True."
+        )
     if Path(layers_file).exists() and not overwrite:
-        raise FileExistsError(
+        raise ExistingFileError(
             f"{layers_file} exists. Pass overwrite=True to replace it, or another layers_file=."
         )
     rows = np.arange(adata.n_obs) if cell_indices is None else np.asarray(cell_indices)
     if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
-        raise ValueError("cell_indices must be a non-empty sequence of cell positions.")
+        raise InvalidValueError("cell_indices must be a non-empty sequence of cell positions.")
     if rows.min() < 0 or rows.max() >= adata.n_obs or len(np.unique(rows)) != len(rows):
-        raise ValueError(
+        raise InvalidValueError(
             f"cell_indices must be distinct positions between 0 and {adata.n_obs - 1}."
         )
     if gene_list is None:
@@ -77,7 +80,7 @@ def _layer_selection(adata, dense_layers, layers_file, gene_list, cell_indices, 
     gene_list = [gene_list] if isinstance(gene_list, str) else list(gene_list)
     missing = [gene for gene in gene_list if gene not in adata.var_names]
     if missing or not gene_list:
-        raise ValueError(
+        raise InvalidValueError(
             f"gene_list has genes absent from var_names: {missing[:10]}. Pass names of "
             "adata.var_names."
             if missing
@@ -103,6 +106,8 @@ class ExpressionMixin:
         return {
             "package_version": version("pertpy-contrastive"),
             "epochs_trained": self.epochs_trained,
+            # "completed", "stopped early" or "interrupted" (Ctrl-C kept a partial model).
+            "training": str(self.training_status),
             "target_calls_test": (
                 f"pt.tl.DistanceTest('edistance', n_perms={arguments['n_perms']}) of each "
                 "target against the contrast controls, on the salient latent of every cell"
@@ -153,7 +158,7 @@ class ExpressionMixin:
             groups = self.get_anndata_manager(adata).get_from_registry(GROUP_KEY).ravel()
             controls = np.flatnonzero(groups == CellGroup.CONTRAST)
             if len(controls) == 0:
-                raise ValueError(
+                raise InvalidValueError(
                     "These data have no control cells to form the reference background. Pass "
                     "reference_indices=<cells whose background to use>."
                 )
@@ -284,7 +289,7 @@ class ExpressionMixin:
         Dense float32 array ``(n_cells, n_genes)``, each row summing to ``library_size``.
         """
         if source not in ("counts", "decoder"):
-            raise ValueError(f'source={source!r}: pass "counts" or "decoder".')
+            raise InvalidValueError(f'source={source!r}: pass "counts" or "decoder".')
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
         reference = self._reference_indices(adata, reference_indices, n_reference_cells, seed)
@@ -329,7 +334,16 @@ class ExpressionMixin:
             obs=pd.DataFrame(index=target.obs_names[rows]),
             var=pd.DataFrame(index=target.var_names[genes]),
         )
-        shell.write_h5ad(path)
+        with written_whole(path) as partial:
+            shell.write_h5ad(partial)
+            self._fill_layers(
+                partial, target, cells, calibrated, reference, names, rows, genes, progress_bar
+            )
+
+    def _fill_layers(
+        self, path, target, cells, calibrated, reference, names, rows, genes, progress_bar
+    ) -> None:
+        """Fill the two layers of the h5ad file at ``path``, a chunk of cells at a time."""
         chunks = range(0, len(rows), INFERENCE_BATCH_SIZE)
         with h5py.File(path, "a") as store:
             layers = {}
@@ -551,7 +565,7 @@ def _check_free_keys(target: AnnData, keys: dict[str, dict[str, str]], overwrite
         if key in getattr(target, attribute)
     ]
     if taken and not overwrite:
-        raise KeyError(
+        raise MissingKeyError(
             f"{', '.join(taken)} already exist. Pass overwrite=True to replace them, or "
             "another prefix=."
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
@@ -16,8 +17,10 @@ import numpy as np
 import pyro
 import torch
 from anndata import AnnData
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
@@ -35,7 +38,7 @@ from scvi.model._utils import (
 from scvi.model.base import BaseModelClass
 from scvi.model.base._constants import SAVE_KEYS
 from scvi.model.base._save_load import _load_saved_files
-from scvi.train import LoudEarlyStopping, TrainRunner
+from scvi.train import LoudEarlyStopping
 
 from ._calling import CallingMixin
 from ._constants import (
@@ -50,6 +53,8 @@ from ._constants import (
     CellGroup,
 )
 from ._data import (
+    InvalidValueError,
+    MissingFileError,
     PerturbationGroupField,
     PerturbationTargetField,
     as_label_list,
@@ -66,7 +71,12 @@ from ._expression import ExpressionMixin, check_finite_latent
 from ._likelihoods import Likelihood
 from ._module import ContrastivePyroModule
 from ._responders import ResponderMixin
-from ._training_plan import MONITORED, ContrastiveTrainingPlan
+from ._training_plan import (
+    MONITORED,
+    ContrastiveTrainingPlan,
+    ContrastiveTrainRunner,
+    TrainingTerminatedError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +136,7 @@ class ContrastiveVAE(
     _module_cls = ContrastivePyroModule
     _training_plan_cls = ContrastiveTrainingPlan
     _data_splitter_cls = PairedDataSplitter
-    _train_runner_cls = TrainRunner
+    _train_runner_cls = ContrastiveTrainRunner
 
     def __init__(
         self,
@@ -251,10 +261,12 @@ class ContrastiveVAE(
         transferring = kwargs.get("source_registry") is not None
 
         if not control_labels:
-            raise ValueError("control must name at least one control label, e.g. 'non-targeting'.")
+            raise InvalidValueError(
+                "control must name at least one control label, e.g. 'non-targeting'."
+            )
         overlap = set(control_labels) & set(excluded_labels)
         if overlap:
-            raise ValueError(f"Labels {sorted(overlap)} are both control and excluded.")
+            raise InvalidValueError(f"Labels {sorted(overlap)} are both control and excluded.")
         if perturbation_key not in adata.obs and not transferring:
             validate_covariates(adata, {perturbation_key: "Perturbation key"}, [], parent_obs)
         categorical = {key: "Categorical covariate" for key in categorical_covariate_keys}
@@ -300,14 +312,20 @@ class ContrastiveVAE(
         devices: int | list[int] | str = "auto",
         strategy: str | Strategy = "auto",
         num_nodes: int = 1,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every_n_epochs: int = 1,
+        resume_from: str | Path | None = None,
         plan_kwargs: dict | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train on paired control/perturbed minibatches.
 
-        Interrupting training (Ctrl-C, e.g. in a notebook) keeps the weights and the history
-        trained so far, with a warning, and the model can be used. The global random states of
-        Python, NumPy and torch are left as they were: training seeds its own, from ``seed``.
+        Interrupting training with Ctrl-C (e.g. in a notebook) keeps the weights and the history
+        trained so far, with a warning, and the model can be used. SIGTERM (a scheduler's time
+        limit, a preemption) raises :class:`~pertpy_contrastive.TrainingTerminatedError`, and
+        any other error raised in training propagates: the model then stays untrained.
+        :attr:`training_status` records how training ended. The global random states of Python,
+        NumPy and torch are left as they were: training seeds its own, from ``seed``.
 
         Parameters
         ----------
@@ -344,6 +362,16 @@ class ContrastiveVAE(
             processes, and early stopping works as on one device. Every process ends with the
             same trained model. See :doc:`/distributed` for launching it with ``torchrun`` or
             SLURM.
+        checkpoint_dir
+            Directory to save a Lightning checkpoint in (``last.ckpt``) every
+            ``checkpoint_every_n_epochs`` epochs: the module, the optimiser, the training plan's
+            state (KL warm-up position, early-stopping state, history so far) and the training
+            arguments.
+        checkpoint_every_n_epochs
+            See ``checkpoint_dir``.
+        resume_from
+            A checkpoint of the same model, data and training arguments to continue from. With
+            the same ``seed``, the resumed run ends with the weights of an uninterrupted one.
         plan_kwargs
             Further arguments of :class:`~pertpy_contrastive._training_plan.ContrastiveTrainingPlan`.
         **trainer_kwargs
@@ -365,7 +393,12 @@ class ContrastiveVAE(
                 "No validation cells (train_size=%s): early stopping is off.", train_size
             )
             early_stopping = False
-        plan_kwargs = {"lr": lr, "n_epochs_kl_warmup": n_epochs_kl_warmup, **(plan_kwargs or {})}
+        plan_kwargs = {
+            "lr": lr,
+            "n_epochs_kl_warmup": n_epochs_kl_warmup,
+            "seed": seed,
+            **(plan_kwargs or {}),
+        }
         trainer_kwargs = {
             "accelerator": accelerator,
             "devices": devices,
@@ -380,14 +413,49 @@ class ContrastiveVAE(
         trainer_kwargs.setdefault(
             "early_stopping_warmup_epochs", min(n_epochs_kl_warmup, max_epochs)
         )
+        if checkpoint_dir is not None or resume_from is not None:
+            plan_kwargs["run_arguments"] = self._run_arguments(
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                train_size=train_size,
+                seed=seed,
+                early_stopping=early_stopping,
+                early_stopping_patience=early_stopping_patience,
+                stratify_by_batch=stratify_by_batch,
+                **{key: plan_kwargs[key] for key in ("lr", "n_epochs_kl_warmup")},
+            )
+        if resume_from is not None:
+            trainer_kwargs["ckpt_path"] = _checkpoint_file(resume_from)
         self._run_training(
-            data_splitter, plan_kwargs, max_epochs, early_stopping, seed, trainer_kwargs
+            data_splitter,
+            plan_kwargs,
+            max_epochs,
+            early_stopping,
+            seed,
+            trainer_kwargs,
+            _checkpoint_callback(checkpoint_dir, checkpoint_every_n_epochs),
         )
 
+    def _run_arguments(self, **train_arguments) -> dict:
+        """Return what a checkpoint must share with a run that resumes from it."""
+        return {
+            "train": train_arguments,
+            "model": json.loads(json.dumps(self.init_params_["non_kwargs"], default=str)),
+            "cells": self.adata.n_obs,
+            "genes": self.adata.n_vars,
+        }
+
     def _run_training(
-        self, data_splitter, plan_kwargs, max_epochs, early_stopping, seed, trainer_kwargs
+        self,
+        data_splitter,
+        plan_kwargs,
+        max_epochs,
+        early_stopping,
+        seed,
+        trainer_kwargs,
+        checkpoint=None,
     ) -> None:
-        """One Lightning run through scvi-tools' runner."""
+        """One Lightning run through scvi-tools' runner, saving ``checkpoint``s if given."""
         self.module.train()  # a trained model is left in eval mode; training resumes from it
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
         trainer_kwargs = dict(trainer_kwargs)
@@ -405,10 +473,23 @@ class ContrastiveVAE(
                 early_stopping=early_stopping,
                 **trainer_kwargs,
             )
+        if checkpoint is not None:
+            # Added after the Trainer is built: scvi-tools' Trainer, when checkpointing is on,
+            # adds its own callback, which saves scvi-tools model directories and monitors a
+            # 'validation_loss' this model does not log; Lightning refuses a checkpoint callback
+            # when it is off. Appended here, it is Lightning's plain ModelCheckpoint.
+            runner.trainer.callbacks.append(checkpoint)
         interrupt_handler = signal.getsignal(signal.SIGINT)
         try:
             with _seeded_random_state(seed):
                 runner()
+        except SIGTERMException as error:
+            # Lightning raises it, a SystemExit with exit code 0, at the step after SIGTERM.
+            raise TrainingTerminatedError(
+                f"Training received SIGTERM after {self.epochs_trained} completed epochs and "
+                "stopped; the model is not trained. Train again (with checkpoint_dir=..., "
+                "model.train(resume_from=...) continues where a checkpoint left off)."
+            ) from error
         except SystemExit:
             # Lightning turns Ctrl-C into a graceful shutdown followed by sys.exit(1), and
             # leaves Ctrl-C ignored for the rest of the session.
@@ -419,11 +500,25 @@ class ContrastiveVAE(
             return
         finally:
             self.module.eval()  # also after a diverged run, so latents stay deterministic
+        stopped = any(
+            isinstance(callback, EarlyStopping) and callback.stopped_epoch > 0
+            for callback in runner.trainer.callbacks
+        )
+        self.training_status_ = "stopped early" if stopped else "completed"
         if torch.distributed.is_initialized():
             # scvi-tools' logger records the history on rank 0 only; every process returns the
             # same trained model, so it gets the same history too. (Spawn-based strategies
             # return to a process outside the group, which reads rank 0's saved history.)
             self.history_ = runner.trainer.strategy.broadcast(self.history_, src=0)
+
+    @property
+    def training_status(self) -> str | None:
+        """How the last training ended, or ``None`` before any training ended.
+
+        ``"completed"`` (``max_epochs``), ``"stopped early"`` (early stopping) or
+        ``"interrupted"`` (Ctrl-C; the weights so far are kept).
+        """
+        return getattr(self, "training_status_", None)
 
     @property
     def epochs_trained(self) -> int:
@@ -441,6 +536,7 @@ class ContrastiveVAE(
         self.validation_indices = data_splitter.val_idx
         self.test_indices = data_splitter.test_idx
         self.is_trained_ = True
+        self.training_status_ = "interrupted"
         epochs = "epoch" if self.epochs_trained == 1 else "epochs"
         warnings.warn(
             f"Training was interrupted after {self.epochs_trained} completed {epochs}. The model "
@@ -490,7 +586,7 @@ class ContrastiveVAE(
         Array of shape ``(n_cells, n_salient)`` or ``(n_cells, n_background)``.
         """
         if kind not in LATENT_KINDS:
-            raise ValueError(f"kind must be one of {LATENT_KINDS}, got {kind!r}.")
+            raise InvalidValueError(f"kind must be one of {LATENT_KINDS}, got {kind!r}.")
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
         n_cells = adata.n_obs if indices is None else len(indices)
@@ -546,7 +642,7 @@ class ContrastiveVAE(
         """
         model_file = Path(dir_path) / f"{kwargs.get('prefix') or ''}{SAVE_KEYS.MODEL_FNAME}"
         if not model_file.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"No saved ContrastiveVAE in {str(dir_path)!r}: {model_file} does not exist. Pass "
                 "the directory given to model.save() (and its prefix= if one was used)."
             )
@@ -560,7 +656,7 @@ class ContrastiveVAE(
         except Exception as error:
             # torch.load of a damaged or foreign file fails deep in pickle (UnicodeDecodeError,
             # UnpicklingError, RuntimeError, EOFError, ...), with no hint of the file.
-            raise ValueError(
+            raise InvalidValueError(
                 f"{model_file} is not a valid saved ContrastiveVAE: it could not be read "
                 f"({type(error).__name__}: {error}). The file is damaged or was not written by "
                 "model.save(); save the model again."
@@ -591,13 +687,13 @@ def _check_saved_model(attributes: dict, dir_path: str, expected: str) -> None:
     registry = attributes["registry_"]
     model_name = registry.get("model_name")
     if model_name != expected:
-        raise ValueError(
+        raise InvalidValueError(
             f"{str(dir_path)!r} holds a saved {model_name or 'unknown'} model, not a "
             f"{expected}. Load it with its own class (e.g. scvi.model.{model_name}.load)."
         )
     fields = registry["field_registries"]
     if GROUP_KEY in fields and TARGET_KEY not in fields:
-        raise ValueError(
+        raise InvalidValueError(
             f"The model in {dir_path!r} was saved by pertpy-contrastive 0.1, which this version "
             "cannot load: retrain it, or load it with `pip install 'pertpy-contrastive<0.2'`."
         )
@@ -605,7 +701,7 @@ def _check_saved_model(attributes: dict, dir_path: str, expected: str) -> None:
     saved = {**init_params.get("non_kwargs", {}), **init_params.get("kwargs", {})}
     removed = [f"{name}={saved[name]!r}" for name in _REMOVED_OPTIONS if name in saved]
     if removed:
-        raise ValueError(
+        raise InvalidValueError(
             f"The model in {dir_path!r} was saved by pertpy-contrastive 0.2 with options that "
             f"0.3 removed ({', '.join(removed)}), and its controls all trained the background, "
             "so this version cannot load it. Retrain it with this version, or load it with "
@@ -626,7 +722,7 @@ def _check_same_genes(expected: np.ndarray, adata: AnnData) -> None:
             f"{len(observed)} genes where the model has {len(expected)}; "
             f"{len(missing)} model genes are missing (e.g. {list(missing[:5])})"
         )
-    raise ValueError(
+    raise InvalidValueError(
         f"This AnnData has {problem}. The model needs exactly its training genes, in order: "
         "subset and reorder with `adata = adata[:, model.adata.var_names].copy()` (genes absent "
         "from your data cannot be filled in)."
@@ -676,3 +772,36 @@ def _distributed_early_stopping(trainer_kwargs: dict, early_stopping: bool) -> d
     # scvi-tools' Trainer validates only when its own early stopping is on.
     trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
     return trainer_kwargs
+
+
+CHECKPOINT_NAME = "last"
+"""The file name (``last.ckpt``) of the checkpoint ``train(checkpoint_dir=...)`` keeps."""
+
+
+def _checkpoint_callback(checkpoint_dir, every_n_epochs: int) -> ModelCheckpoint | None:
+    """Lightning's checkpoint callback that keeps ``last.ckpt`` in ``checkpoint_dir``."""
+    if checkpoint_dir is None:
+        return None
+    if every_n_epochs < 1:
+        raise InvalidValueError(
+            f"checkpoint_every_n_epochs must be at least 1, got {every_n_epochs}."
+        )
+    # One file, last.ckpt, replaced at every save.
+    return ModelCheckpoint(
+        dirpath=str(checkpoint_dir),
+        filename=CHECKPOINT_NAME,
+        save_top_k=1,
+        every_n_epochs=every_n_epochs,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+
+
+def _checkpoint_file(resume_from) -> str:
+    """Return the checkpoint to resume from, checked to exist (the runner hands it to fit)."""
+    if not Path(resume_from).is_file():
+        raise MissingFileError(
+            f"resume_from={str(resume_from)!r} is not a file. Pass the last.ckpt that "
+            "train(checkpoint_dir=...) wrote."
+        )
+    return str(resume_from)

@@ -45,6 +45,7 @@ from ._constants import (
     GROUP_KEY,
     CellGroup,
 )
+from ._data import InvalidValueError
 from ._likelihoods import LIKELIHOODS, Likelihood, count_distribution
 
 _MMD_KERNEL_WIDTHS = (0.25, 1.0, 4.0)  # squared widths per latent dimension
@@ -129,7 +130,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
+            raise InvalidValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
         self.n_background = n_background
         self.n_salient = n_salient
         self.likelihood = likelihood
@@ -156,7 +157,7 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         )
         if not use_observed_library:
             if library_log_means is None or library_log_vars is None:
-                raise ValueError("A latent library size needs library_log_means and _vars.")
+                raise InvalidValueError("A latent library size needs library_log_means and _vars.")
             self.register_buffer("library_log_means", torch.as_tensor(library_log_means).float())
             self.register_buffer("library_log_vars", torch.as_tensor(library_log_vars).float())
             self.library_encoder = Encoder(n_encoder_input, 1, dropout_rate=dropout_rate, **network)

@@ -32,7 +32,7 @@ from ._constants import (
     TARGET_KEY,
     CellGroup,
 )
-from ._data import resolve_modality
+from ._data import InvalidValueError, resolve_modality
 
 CONTROL_CLASS = "NT"
 """Class of control cells, as in pertpy's Mixscape."""
@@ -215,7 +215,7 @@ class ResponderMixin:
         groups = manager.get_from_registry(GROUP_KEY).ravel()
         controls = np.flatnonzero(groups == CellGroup.CONTRAST)
         if len(controls) == 0:
-            raise ValueError(
+            raise InvalidValueError(
                 "These data have no contrast controls (half of the control cells), which "
                 "calibrate the background of the responder calls and the differential "
                 "expression. Use data that include the controls of the screen."
@@ -335,9 +335,9 @@ class ResponderMixin:
         as evidence of response).
         """
         if by not in ("target", "guide"):
-            raise ValueError(f"by must be 'target' or 'guide', got {by!r}.")
+            raise InvalidValueError(f"by must be 'target' or 'guide', got {by!r}.")
         if by == "guide" and self.get_setup_arg("guide_key") is None:
-            raise ValueError(
+            raise InvalidValueError(
                 "The model was set up without guide_key, so guides are unknown. Pass "
                 "guide_key=<obs column of each cell's guide> to ContrastiveVAE.setup_anndata "
                 "(pp.perturbation_labels writes one with guide_key_added=...)."

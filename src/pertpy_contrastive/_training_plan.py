@@ -9,11 +9,14 @@ diverges.
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pyro
 import torch
-from scvi.train import LowLevelPyroTrainingPlan
+from scvi.train import LowLevelPyroTrainingPlan, TrainRunner
 
 from ._constants import CELL_WEIGHT_KEY, LEARNING_RATE
+from ._data import InvalidValueError
 from ._module import ContrastivePyroModule
 
 MONITORED = "elbo_validation"
@@ -26,8 +29,23 @@ It falls while the model improves, and no penalty enters it.
 _ELBO_PARTS = ("reconstruction_loss", "kl_local")
 
 
+_HISTORY_KEY = "contrastive_history"
+"""Checkpoint entry of the history logged up to the checkpoint (scvi-tools' logger keeps none)."""
+
+_RUN_KEY = "contrastive_run_arguments"
+"""Checkpoint entry of what a resumed run must share with the run that saved it."""
+
+
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class TrainingTerminatedError(RuntimeError):
+    """Training received SIGTERM (a scheduler's time limit, a preemption) and stopped.
+
+    Unlike Ctrl-C, which keeps the model trained so far for whoever is watching, a terminated
+    run is a failed run: nothing downstream should use the model as if it were trained.
+    """
 
 
 class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
@@ -57,6 +75,13 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
         The same in steps; used only when ``n_epochs_kl_warmup`` is ``None``.
     min_kl_weight, max_kl_weight
         Range of the warm-up weight.
+    seed
+        Seed of the sampling noise: each training step reseeds the global generators from
+        ``(seed, epoch, step, process rank)``, so that a run resumed from a checkpoint draws
+        what the uninterrupted run drew.
+    run_arguments
+        The model's, the data's and the training's settings, saved in checkpoints; a run
+        resumed from a checkpoint must have the same.
     """
 
     def __init__(
@@ -68,7 +93,11 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
         n_steps_kl_warmup: int | None = None,
         min_kl_weight: float = 1e-6,
         max_kl_weight: float = 1.0,
+        seed: int = 0,
+        run_arguments: dict | None = None,
     ):
+        self.seed = seed
+        self.run_arguments = run_arguments
         # Per stage ("train", "validation"), the running sums of the logged terms, weighted by
         # cells, and the cells summed over.
         self._epoch_sums: dict[str, dict[str, torch.Tensor | float]] = {}
@@ -98,12 +127,50 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
             "loss": reconstruction + kl_weight * kl_local + penalties,
         }
 
-    def on_train_start(self):
-        """Under DDP, give each process its own sampling noise, derived from the run's seed."""
-        if self.trainer.world_size > 1:
-            # With one seed, every process would draw the same noise for its minibatch, and the
-            # averaged gradient would not be that of one step with all the processes' cells.
-            pyro.set_rng_seed(torch.initial_seed() + self.trainer.global_rank)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the history so far, with this epoch's means, and the run's settings."""
+        # scvi-tools' logger keeps the history on rank 0 only, which alone writes checkpoints.
+        logged = self.trainer.logger.history if self.trainer.is_global_zero else {}
+        history = {
+            name: dict(zip(frame.index.tolist(), frame.iloc[:, 0].astype(float), strict=True))
+            for name, frame in logged.items()
+        }
+        # Lightning hands the epoch's means to the logger after the checkpoint is taken. Plain
+        # dicts, not DataFrames: Lightning loads checkpoints with torch.load(weights_only=True).
+        for name, value in self.trainer.callback_metrics.items():
+            history.setdefault(name, {}).setdefault(self.current_epoch, float(value))
+        checkpoint[_HISTORY_KEY] = history
+        checkpoint[_RUN_KEY] = self.run_arguments
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another run; give the logger back its history."""
+        differences = _differences(checkpoint.get(_RUN_KEY) or {}, self.run_arguments or {})
+        if differences:
+            raise InvalidValueError(
+                f"The checkpoint was saved by another run (different {', '.join(differences)}), "
+                "so training cannot resume from it. Resume with the model, data and train() "
+                "arguments it was saved with, or start afresh."
+            )
+        if self.trainer.is_global_zero:
+            self.trainer.logger.experiment.data = {
+                name: pd.DataFrame({name: pd.Series(values, dtype=float)}).rename_axis("epoch")
+                for name, values in checkpoint.get(_HISTORY_KEY, {}).items()
+            }
+
+    def on_train_epoch_start(self):
+        """Start the epoch's training sums afresh (an interrupted epoch may have left some)."""
+        self._epoch_sums.pop("train", None)
+        self._epoch_cells.pop("train", None)
+
+    def _seed_step(self, batch_idx: int) -> None:
+        """Seed the step's sampling noise from the seed, the epoch, the step and the process.
+
+        Under DDP every process draws its own noise (one seed for all would make the averaged
+        gradient that of one minibatch repeated); and a run resumed from a checkpoint draws
+        exactly what the uninterrupted run drew, whatever Lightning draws while it restarts.
+        """
+        entropy = [self.seed, self.current_epoch, batch_idx, self.global_rank]
+        pyro.set_rng_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
     def configure_optimizers(self):
         """Adam; the fused kernel where available (CPU, CUDA) saves ~10% of a CPU step."""
@@ -113,6 +180,7 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
     def training_step(self, batch, batch_idx):
         """Optimise the objective of one paired step, at the current KL warm-up weight."""
         kl_weight = float(self.kl_weight)
+        self._seed_step(batch_idx)
         # The forward pass updates batch-norm statistics; keep them to undo a diverged step.
         buffers = {name: buffer.clone() for name, buffer in self.module.named_buffers()}
         terms = self._loss_terms(batch, kl_weight)
@@ -168,11 +236,6 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
                 sync_dist=True,
             )
 
-    def on_train_epoch_start(self):
-        """Start the epoch's training sums afresh (an interrupted epoch may have left some)."""
-        self._epoch_sums.pop("train", None)
-        self._epoch_cells.pop("train", None)
-
     def on_validation_epoch_start(self):
         """Start the validation sums afresh."""
         self._epoch_sums.pop("validation", None)
@@ -185,3 +248,42 @@ class ContrastiveTrainingPlan(LowLevelPyroTrainingPlan):
     def on_train_epoch_end(self):
         """Log the training means of the epoch."""
         self._log_epoch_means("train")
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    """Names of the settings that differ between two runs' arguments (``part.key``)."""
+    names = []
+    for part in sorted(set(saved) | set(current)):
+        old, new = saved.get(part), current.get(part)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names += [
+                f"{part}.{key}"
+                for key in sorted(set(old) | set(new))
+                if old.get(key) != new.get(key)
+            ]
+        elif old != new:
+            names.append(part)
+    return names
+
+
+class ContrastiveTrainRunner(TrainRunner):
+    """scvi-tools' runner, without its message on failure.
+
+    scvi-tools' ``_run_training_core`` prints ``"Exception raised during training.", NameError,
+    e`` for every exception: the class ``NameError`` itself, not the error's type, so a pipeline
+    log read "<class 'NameError'>" before the real error (a SIGTERM, say). Otherwise this is its
+    code: the history is kept whether training ends or fails, and the error propagates.
+    """
+
+    def _run_training_core(self):
+        try:
+            self.trainer.fit(self.training_plan, self.data_splitter, ckpt_path=self.ckpt_path)
+        finally:
+            self._update_history()
+        self.model.train_indices = self.data_splitter.train_idx
+        self.model.test_indices = self.data_splitter.test_idx
+        self.model.validation_indices = self.data_splitter.val_idx
+        self.model.module.eval()
+        self.model.is_trained_ = True
+        self.model.to_device(self.device)
+        self.model.trainer = self.trainer

@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._data import InvalidValueError
+
 CONTROL_LABEL = "non-targeting"
 
 
@@ -95,9 +97,9 @@ def simulate_screen(
       proportions from baseline, background and batch alone (float32, rows sum to 1).
     """
     if n_null_targets >= n_targets:
-        raise ValueError("n_null_targets must be smaller than n_targets.")
+        raise InvalidValueError("n_null_targets must be smaller than n_targets.")
     if n_targets + n_programs * program_size > n_genes:
-        raise ValueError("n_genes is too small for the targets and programs requested.")
+        raise InvalidValueError("n_genes is too small for the targets and programs requested.")
     rng = np.random.default_rng(seed)
     targets = [f"T{i:02d}" for i in range(n_targets)]
     gene_names = targets + [f"gene_{i:04d}" for i in range(n_targets, n_genes)]

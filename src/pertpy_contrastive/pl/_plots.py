@@ -19,7 +19,7 @@ import pandas as pd
 from anndata import AnnData
 from mudata import MuData
 
-from .._data import resolve_modality
+from .._data import InvalidTypeError, InvalidValueError, MissingKeyError, resolve_modality
 from .._responders import CONTROL_CLASS
 
 if TYPE_CHECKING:
@@ -205,16 +205,18 @@ def latents(
     adata = resolve_modality(adata, modality)
     columns = [color] if isinstance(color, str) else list(color)
     if not columns:
-        raise ValueError("color is empty. Pass one or more obs columns, e.g. 'perturbation'.")
+        raise InvalidValueError(
+            "color is empty. Pass one or more obs columns, e.g. 'perturbation'."
+        )
     if basis not in ("umap", "pca"):
-        raise ValueError(f"basis must be 'umap' or 'pca', got {basis!r}.")
+        raise InvalidValueError(f"basis must be 'umap' or 'pca', got {basis!r}.")
     keys = {kind: f"X_{prefix}_{kind}" for kind in _LATENTS}
     for key in keys.values():
         if key not in adata.obsm:
             raise _missing_outputs(f"obsm[{key!r}]", prefix)
     absent = [column for column in columns if column not in adata.obs]
     if absent:
-        raise KeyError(
+        raise MissingKeyError(
             f"obs{absent} is missing; color= takes obs columns, e.g. {list(adata.obs.columns[:8])}."
         )
     wanted = {groups} if isinstance(groups, str) else set(groups or ())
@@ -228,7 +230,7 @@ def latents(
             )
         )
         if wanted - found:
-            raise ValueError(
+            raise InvalidValueError(
                 f"groups {sorted(wanted - found)} are not categories of the categorical colour "
                 f"columns {columns}."
             )
@@ -314,7 +316,7 @@ def _distance_table(
         data = resolve_modality(table, modality)
         key = f"{prefix}_target_calls"
         if key not in data.uns:
-            raise KeyError(
+            raise MissingKeyError(
                 f"uns[{key!r}] is missing. Run model.write_outputs(adata) first, pass the "
                 "prefix= the outputs were written with, or pass the table of "
                 "model.distance_test() (or pc.tl.distance_test)."
@@ -323,13 +325,13 @@ def _distance_table(
     if isinstance(table, Mapping):
         table = pd.DataFrame(dict(table))
     if not isinstance(table, pd.DataFrame):
-        raise TypeError(
+        raise InvalidTypeError(
             f"Expected the DataFrame of model.distance_test() or an AnnData, got "
             f"{type(table).__name__}."
         )
     missing = [column for column in ("distance", "pvalue_adj") if column not in table]
     if missing:
-        raise KeyError(
+        raise MissingKeyError(
             f"The table has no column {missing}. Pass the table of model.distance_test() or "
             "pc.tl.distance_test (pertpy's DistanceTest columns distance, pvalue, significant, "
             "pvalue_adj, significant_adj)."
@@ -344,7 +346,7 @@ def _drop_contrast(table: pd.DataFrame, contrast: str | None) -> tuple[pd.DataFr
     pvalue = table["pvalue"] if "pvalue" in table else table["pvalue_adj"]
     candidates = table.index[(table["distance"] == 0) & (pvalue.isna() | (pvalue >= 1))]
     if len(candidates) > 1:
-        raise ValueError(
+        raise InvalidValueError(
             f"Rows {list(candidates)} all look like the contrast's (distance 0, p-value 1). "
             "Pass contrast= (the control label, e.g. 'non-targeting') to say which one it is."
         )
@@ -428,7 +430,9 @@ def perturbation_ranking(
     if n_top is not None:
         tested = tested.iloc[:n_top]
     if tested.empty:
-        raise ValueError("The table has no tested group besides the contrast; nothing to plot.")
+        raise InvalidValueError(
+            "The table has no tested group besides the contrast; nothing to plot."
+        )
     adjusted = tested["pvalue_adj"].to_numpy(dtype=float)
     significant = np.nan_to_num(adjusted, nan=1.0) < alpha
     colours = np.where(significant, _SIGNIFICANT, _NOT_SIGNIFICANT)
@@ -551,7 +555,7 @@ def responder_probabilities(
     if key not in adata.obs:
         raise _missing_outputs(f"obs[{key!r}]", prefix)
     if perturbation_key not in adata.obs:
-        raise KeyError(
+        raise MissingKeyError(
             f"obs[{perturbation_key!r}] is missing. Pass perturbation_key= (the obs column of the "
             "perturbation labels the model was set up with)."
         )
@@ -560,7 +564,7 @@ def responder_probabilities(
     if control is None:
         class_key = f"{prefix}_class_global"
         if class_key not in adata.obs:
-            raise KeyError(
+            raise MissingKeyError(
                 f"obs[{class_key!r}] is missing, so the controls are unknown. Pass control= "
                 "(the control label(s)), or run model.write_outputs(adata) first."
             )
@@ -571,14 +575,14 @@ def responder_probabilities(
         controls = [control] if isinstance(control, str) else list(control)
         unknown = [label for label in controls if not (labels == label).any()]
         if unknown:
-            raise ValueError(
+            raise InvalidValueError(
                 f"control {unknown} is not a label of obs[{perturbation_key!r}], whose labels "
                 f"are e.g. {list(labels.dropna().unique()[:8])}."
             )
         is_control = labels.isin(controls).fillna(False).to_numpy(dtype=bool)
     keep = labels.notna().to_numpy() & probability.notna().to_numpy()
     if not (keep & ~is_control).any():
-        raise ValueError(
+        raise InvalidValueError(
             f"No perturbed cell has a responder probability in obs[{key!r}]. Check "
             f"perturbation_key= and control=, or rerun model.write_outputs(adata)."
         )
@@ -709,9 +713,9 @@ def training_history(
 
     history = getattr(model_or_history, "history", model_or_history)
     if history is None:
-        raise ValueError("The model has no training history. Train it first: model.train().")
+        raise InvalidValueError("The model has no training history. Train it first: model.train().")
     if not isinstance(history, Mapping):
-        raise TypeError(
+        raise InvalidTypeError(
             "Expected a trained model or its history (a dict of DataFrames indexed by epoch), "
             f"got {type(model_or_history).__name__}."
         )
@@ -729,7 +733,7 @@ def training_history(
             term = str(key)
         terms.setdefault(term, {})[split] = series
     if not terms:
-        raise ValueError(
+        raise InvalidValueError(
             "The history has no finite values to plot"
             + (f" from epoch {skip_epochs} on" if skip_epochs else "")
             + f"; its keys are {list(history)}."

@@ -12,6 +12,8 @@ import scipy.sparse as sp
 from anndata import AnnData
 from mudata import MuData
 
+from .._data import InvalidValueError, MissingKeyError
+
 logger = logging.getLogger(__name__)
 
 MultiplePolicy = Literal["exclude", "combine"]
@@ -36,7 +38,7 @@ def _guide_sets(guides: AnnData, assignment: str, unassigned, multiple_label, se
             set(names[matrix.indices[start:end][matrix.data[start:end] > 0]])
             for start, end in zip(matrix.indptr[:-1], matrix.indptr[1:], strict=True)
         ]
-    raise KeyError(
+    raise MissingKeyError(
         f"{assignment!r} is neither an obs column nor a layer of the guide data. Run "
         "pt.pp.GuideAssignment first (assign_to_max_guide / assign_mixture_model write "
         "obs['assigned_guide'], assign_by_threshold writes layers['assigned_guides']). "
@@ -121,16 +123,16 @@ def perturbation_labels(
     The labels, indexed by cell; also written to ``obs[key_added]``.
     """
     if multiple not in ("exclude", "combine"):
-        raise ValueError(f"multiple must be 'exclude' or 'combine', got {multiple!r}.")
+        raise InvalidValueError(f"multiple must be 'exclude' or 'combine', got {multiple!r}.")
     if isinstance(data, MuData):
         for name in (guide_modality, rna_modality):
             if name not in data.mod:
-                raise KeyError(
+                raise MissingKeyError(
                     f"The MuData has no modality {name!r}; its modalities are {list(data.mod)}."
                 )
         guides, destination = data.mod[guide_modality], data.mod[rna_modality]
         if not guides.obs_names.equals(destination.obs_names):
-            raise ValueError(
+            raise InvalidValueError(
                 f"Modalities {guide_modality!r} and {rna_modality!r} have different cells. "
                 "Subset both to the same cells (e.g. mu.pp.intersect_obs(mdata))."
             )
@@ -138,14 +140,14 @@ def perturbation_labels(
         guides = destination = data
     for key in (key_added, guide_key_added):
         if key is not None and key in destination.obs and not overwrite:
-            raise KeyError(
+            raise MissingKeyError(
                 f"obs[{key!r}] already exists. Pass overwrite=True to replace it, or choose "
                 "another key_added / guide_key_added."
             )
 
     if guide_to_target is None:
         if target_key not in guides.var:
-            raise KeyError(
+            raise MissingKeyError(
                 f"var[{target_key!r}] not found in the guide data (var columns: "
                 f"{list(guides.var.columns)}). Pass target_key=<column> or guide_to_target={{...}}."
             )
@@ -153,7 +155,7 @@ def perturbation_labels(
     guide_sets = _guide_sets(guides, assignment, set(unassigned), multiple_label, separator)
     unknown = sorted({g for s in guide_sets if s for g in s} - set(guide_to_target))
     if unknown:
-        raise KeyError(
+        raise MissingKeyError(
             f"Guides {unknown[:5]} have no target in the guide mapping. Add them to "
             "guide_to_target or to var[target_key]."
         )

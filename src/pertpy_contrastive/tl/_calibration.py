@@ -18,7 +18,7 @@ from anndata import AnnData
 from scipy import stats
 
 from .._constants import DE_FDR_TARGET
-from .._data import as_label_list
+from .._data import InvalidValueError, MissingKeyError, as_label_list
 from .._model import ContrastiveVAE
 from ..pl._plots import finish_figure
 
@@ -219,7 +219,7 @@ def _with_pseudo_targets(
     """Return a new AnnData of the counts in which some control guides are pseudo-targets."""
     for key in (guide_key, perturbation_key):
         if key not in adata.obs:
-            raise KeyError(
+            raise MissingKeyError(
                 f"obs[{key!r}] is missing. Pass the obs columns of the guides (guide_key=) and "
                 "the perturbation labels (perturbation_key=), e.g. from "
                 "pc.pp.perturbation_labels(mdata, guide_key_added='guide')."
@@ -229,7 +229,7 @@ def _with_pseudo_targets(
     if n_pseudo_targets is None:
         n_pseudo_targets = max(1, len(control_guides) // 2)
     if not 1 <= n_pseudo_targets < len(control_guides):
-        raise ValueError(
+        raise InvalidValueError(
             f"The controls have {len(control_guides)} guides ({control_guides}), so "
             f"n_pseudo_targets={n_pseudo_targets} leaves no control or makes no pseudo-target. "
             "Pass 1 <= n_pseudo_targets < the number of control guides."

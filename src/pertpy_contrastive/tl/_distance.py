@@ -7,6 +7,7 @@ from anndata import AnnData
 
 from .._calling import permutation_distance_test
 from .._constants import CellGroup
+from .._data import MissingKeyError
 from .._expression import ROLE_NAMES
 
 
@@ -62,13 +63,13 @@ def distance_test(
     """
     for key, what in ((groupby, "groupby"), (role_key, "role_key")):
         if key not in adata.obs:
-            raise KeyError(
+            raise MissingKeyError(
                 f"obs[{key!r}] ({what}) is missing. Run model.write_outputs(adata) first, or "
                 "pass the obs columns of the labels (groupby=) and of the roles (role_key=, "
                 "'<prefix>_role')."
             )
     if obsm_key not in adata.obsm:
-        raise KeyError(
+        raise MissingKeyError(
             f"obsm[{obsm_key!r}] is missing. Run model.write_outputs(adata) first, or pass "
             "obsm_key='X_<prefix>_salient'."
         )

@@ -9,7 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._data import get_count_matrix
+from .._data import InvalidValueError, MissingKeyError, get_count_matrix
 
 
 def responder_pseudobulk(
@@ -74,23 +74,27 @@ def responder_pseudobulk(
     """
     for key in (perturbation_key, sample_key):
         if key not in adata.obs:
-            raise KeyError(f"obs[{key!r}] not found. Available columns: {list(adata.obs.columns)}.")
+            raise MissingKeyError(
+                f"obs[{key!r}] not found. Available columns: {list(adata.obs.columns)}."
+            )
     if responders not in ("salient_norm", "posterior"):
-        raise ValueError(f"responders must be 'salient_norm' or 'posterior', got {responders!r}.")
+        raise InvalidValueError(
+            f"responders must be 'salient_norm' or 'posterior', got {responders!r}."
+        )
     if responders == "salient_norm" and salient_key not in adata.obsm:
-        raise KeyError(
+        raise MissingKeyError(
             f"obsm[{salient_key!r}] not found. Run model.write_outputs(adata) first, or pass "
             "salient_key=<your key>."
         )
     if responders == "posterior" and probability_key not in adata.obs:
-        raise KeyError(
+        raise MissingKeyError(
             f"obs[{probability_key!r}] not found. Run model.write_outputs(adata) first, or pass "
             "probability_key=<your key>."
         )
     labels = adata.obs[perturbation_key].astype("string")
     is_control = (labels == control).to_numpy(dtype=bool, na_value=False)
     if not is_control.any():
-        raise ValueError(f"No cells labelled {control!r} in obs[{perturbation_key!r}].")
+        raise InvalidValueError(f"No cells labelled {control!r} in obs[{perturbation_key!r}].")
     if responders == "posterior":
         responded = np.nan_to_num(adata.obs[probability_key].to_numpy(dtype=float)) > threshold
     else:
