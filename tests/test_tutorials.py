@@ -10,7 +10,7 @@ TUTORIALS = Path(__file__).parents[1] / "tutorials"
 # Each notebook's cell tagged "parameters" is replaced by these values.
 SMOKE_PARAMETERS = {
     "01_papalexi_end_to_end.ipynb": "MAX_EPOCHS = 2\nN_PERMS = 50",
-    "02_simulated_screen.ipynb": "N_CELLS = 1_200\nN_GENES = 300\nMAX_EPOCHS = 3\nN_PERMS = 50",
+    "02_simulated_screen.ipynb": "N_CELLS = 2_000\nN_GENES = 300\nMAX_EPOCHS = 3\nN_PERMS = 50",
 }
 
 

@@ -255,8 +255,8 @@ def cross_fitted_evidence(
     all together, show none: the target has no detectable response. That target-level gate is
     one Benjamini-Hochberg test, which under the global null finds a gene with probability at
     most ``gene_fdr``; without it each fold's selection is another chance, and a null target
-    gets called cells about ``n_folds`` times as often (negative controls,
-    docs/benchmark_papalexi_calibration.md).
+    gets called cells about ``n_folds`` times as often (negative controls of the Papalexi
+    check, ``benchmarks/papalexi.py``).
 
     Each cell's likelihood ratio gets a p-value among the ``controls``' ratios under the same
     effect: the responder fraction is estimated from them (module docstring).
