@@ -20,8 +20,10 @@ lint: venv
 test: lint
 	$(PY) -m pytest
 
+# Rewrites docs/benchmarks.md from benchmarks/results/*.json. The benchmark scripts themselves
+# run by hand (minutes to hours each); each one's docstring gives its command.
 benchmark: venv
-	$(PY) benchmarks/benchmark_core.py
+	$(PY) benchmarks/report.py
 
 # The HTML documentation (Sphinx, docs/conf.py); warnings are errors, as on Read the Docs.
 docs: venv

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scanpy as sc
 import scvi
 from sklearn.metrics import balanced_accuracy_score, r2_score
@@ -63,6 +64,40 @@ def simulate(screen: str, n_cells: int = 10_000, n_genes: int = 2_000, seed: int
     return pc.datasets.simulate_screen(
         n_cells=n_cells, n_genes=n_genes, seed=seed, **SCREENS[screen]
     )
+
+
+def large_screen(
+    n_cells: int,
+    n_genes: int = 2_000,
+    seed: int = 0,
+    simulate_at_most: int | None = None,
+    new_targets: bool = False,
+    screen: str = "core",
+):
+    """``screen`` at ``n_cells``, repeating a smaller simulated screen's cells if asked to.
+
+    The simulation holds several dense cells x genes float64 arrays (8 GB each at 500,000 x
+    2,000), more than a laptop's memory; a repeated cell costs what a new cell costs.
+    ``new_targets`` gives each repeat's perturbed cells targets of their own (``T3`` becomes
+    ``T3_r2``), so that cells per target stay as in the simulated screen, as in genome-wide
+    screens, whose targets grow with their cells.
+    """
+    simulated = min(n_cells, simulate_at_most or n_cells)
+    adata = simulate(screen, simulated, n_genes, seed)
+    if simulated == n_cells:
+        return adata
+    rows = np.resize(np.arange(simulated), n_cells)
+    with warnings.catch_warnings():  # the repeated names, replaced below
+        warnings.simplefilter("ignore", UserWarning)
+        repeated = adata[rows].copy()
+    repeated.obs_names = [f"cell_{i:07d}" for i in range(n_cells)]
+    if new_targets:
+        labels = repeated.obs["perturbation"].astype(str).to_numpy()
+        repeat = (np.arange(n_cells) // simulated).astype(str)
+        perturbed = labels != CONTROL
+        labels[perturbed] = np.char.add(np.char.add(labels[perturbed], "_r"), repeat[perturbed])
+        repeated.obs["perturbation"] = pd.Categorical(labels)
+    return repeated
 
 
 def save_records(name: str, records: list[dict], keys: tuple[str, ...]) -> Path:
@@ -140,8 +175,11 @@ def fit_contrastive_vae(adata, seed, model_kwargs=None, train_kwargs=None, batch
     return model, time.perf_counter() - start
 
 
-def fit_contrastive_vi(adata, seed, max_epochs, batch_key="batch"):
-    """Train scvi-tools' ContrastiveVI on a copy of ``adata``; return it and its seconds."""
+def fit_contrastive_vi(adata, seed, max_epochs, batch_key="batch", **train_kwargs):
+    """Train scvi-tools' ContrastiveVI on a copy of ``adata``; return it and its seconds.
+
+    ``train_kwargs`` go to its ``train`` (e.g. ``batch_size``, ``callbacks``).
+    """
     scvi.settings.seed = seed
     data = adata.copy()
     scvi.external.ContrastiveVI.setup_anndata(data, batch_key=batch_key)
@@ -154,6 +192,7 @@ def fit_contrastive_vi(adata, seed, max_epochs, batch_key="batch"):
         max_epochs=max_epochs,
         early_stopping=False,
         enable_progress_bar=False,
+        **train_kwargs,
     )
     return model, time.perf_counter() - start
 

@@ -1,7 +1,8 @@
 """Peak resident memory of training and outputs, data in memory against backed, by cell count.
 
-For each cell count, a simulated core screen (2,000 genes, sparse CSR counts) is written to an
-h5ad file. Then, each in a fresh process so that peaks do not carry over:
+For each cell count, a simulated core screen (``--genes`` genes, screen seed 0, sparse CSR
+counts) is written to an h5ad file. Then, each in a fresh process so that peaks do not carry
+over:
 
 - **in memory:** ``anndata.read_h5ad(path)``, ``setup_anndata``, one training epoch,
   ``write_outputs()`` with its two dense layers in the AnnData;
@@ -9,27 +10,29 @@ h5ad file. Then, each in a fresh process so that peaks do not carry over:
   ``write_outputs(layers_file=...)``, which streams the layers into a new file.
 
 The peak resident set size (``VmHWM``) is read after reading the data, after training and
-after the outputs; each is the peak up to that point.
+after the outputs; each is the peak up to that point. ``--simulate-at-most N`` simulates N
+cells and repeats them up to larger sizes, each repeat with targets of its own
+(``_common.large_screen``). Run by hand (about 10 minutes on 2 cores):
 
-Run alone, by hand:  .venv/bin/python benchmarks/memory_scale.py --cells 50000 200000 --output docs/benchmark_memory_scale.md
+    .venv/bin/python benchmarks/memory_scale.py --cells 50000 200000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-from benchmark_core import CONTROL, large_screen, write_results
+from _common import CONTROL, command_line, large_screen, machine, quiet, save_records
 
 import pertpy_contrastive as pc
 
+KEYS = ("cells", "genes", "mode")
+MODES = ("in memory", "backed")
 PHASES = ("read", "trained", "outputs")
 
 
@@ -50,8 +53,7 @@ def run_one(path: Path, mode: str) -> dict:
     """Read, train one epoch and write the outputs; peak memory (MB) and seconds per phase."""
     import anndata
 
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet()
     result, start = {}, time.perf_counter()
     adata = anndata.read_h5ad(path, backed="r" if mode == "backed" else None)
     result["read"] = (peak_mb(), time.perf_counter() - start)
@@ -64,7 +66,7 @@ def run_one(path: Path, mode: str) -> dict:
     if mode == "backed":
         model.write_outputs(layers_file=path.with_suffix(".layers.h5ad"), progress_bar=False)
     else:
-        model.write_outputs()
+        model.write_outputs(progress_bar=False)
     result["outputs"] = (peak_mb(), time.perf_counter() - start)
     return result
 
@@ -73,31 +75,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, nargs="+", default=[50_000, 200_000])
     parser.add_argument("--genes", type=int, default=2_000)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--simulate-at-most",
-        type=int,
-        help="simulate at most this many cells, then repeat them with new targets",
+        "--simulate-at-most", type=int, help="simulate at most this many cells, then repeat them"
     )
-    parser.add_argument("--modes", nargs="+", default=["in memory", "backed"])
-    parser.add_argument("--output", type=Path, default=Path("docs/benchmark_memory_scale.md"))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--run-one", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
         print(json.dumps(run_one(Path(args.run_one[0]), args.run_one[1])))
         return
 
-    lines = [
-        "| cells | data | peak RSS after reading (MB) | after training 1 epoch (MB) | "
-        "after the outputs (MB) | seconds to the end |",
-        "|---|---|---|---|---|---|",
-    ]
     with tempfile.TemporaryDirectory() as directory:
         for n_cells in args.cells:
             path = Path(directory) / f"screen_{n_cells}.h5ad"
-            large_screen(
-                n_cells, args.genes, args.seed, args.simulate_at_most, new_targets=True
-            ).write_h5ad(path)
+            screen = large_screen(n_cells, args.genes, 0, args.simulate_at_most, new_targets=True)
+            screen.write_h5ad(path)
+            del screen  # the runs' peaks are their own, but the machine's memory is shared
             for mode in args.modes:
                 finished = subprocess.run(
                     [sys.executable, __file__, "--run-one", str(path), mode.split()[-1]],
@@ -106,27 +99,17 @@ def main():
                     check=True,
                 )
                 result = json.loads(finished.stdout.strip().splitlines()[-1])
-                peaks = " | ".join(f"{result[phase][0]:,.0f}" for phase in PHASES)
-                lines.append(f"| {n_cells:,} | {mode} | {peaks} | {result['outputs'][1]:.0f} |")
-                print(lines[-1], flush=True)
-    header = (
-        f"Simulated core screen, {args.genes} genes, seed {args.seed}, counts stored as sparse "
-        "CSR in h5ad; each run in a fresh process; peak resident set size (VmHWM), "
-        "cumulative up to each point."
-    )
-    if args.simulate_at_most:
-        header += (
-            f" Sizes above {args.simulate_at_most:,} cells repeat the cells of the "
-            f"{args.simulate_at_most:,}-cell simulated screen, each repeat with targets of its "
-            "own (cells per target stay constant, as in genome-wide screens)."
-        )
-    command = (
-        f"`.venv/bin/python benchmarks/memory_scale.py --cells {' '.join(map(str, args.cells))} "
-        f"--genes {args.genes} --seed {args.seed}"
-        f"{f' --simulate-at-most {args.simulate_at_most}' if args.simulate_at_most else ''}"
-        f" --modes {' '.join(repr(mode) for mode in args.modes)} --output {args.output}`"
-    )
-    write_results(args.output, "Peak memory by cell count", command, header, lines)
+                record = {
+                    "cells": n_cells,
+                    "genes": args.genes,
+                    "mode": mode,
+                    "simulated_cells": min(n_cells, args.simulate_at_most or n_cells),
+                    **{f"peak_mb_{phase}": result[phase][0] for phase in PHASES},
+                    "seconds": result["outputs"][1],
+                }
+                print(json.dumps(record), flush=True)
+                record |= {"command": command_line(), **machine()}
+                save_records("memory_scale", [record], KEYS)
 
 
 if __name__ == "__main__":

@@ -233,8 +233,225 @@ def model_table(records: list[dict]) -> list[str]:
     return [*lines, "", *commands(records), ""]
 
 
+def road_section() -> list[str]:
+    records = load("road_time")
+    if not records:
+        return []
+    lines = [
+        "## The road after training (`benchmarks/road_time.py`)",
+        "",
+        "ContrastiveVAE trained as a user would (early stopping on), then each "
+        "stage after `train` timed in the same process, one torch thread: `write_outputs()` "
+        "(latents, target calls, responder calls, the two dense layers), "
+        "`differential_expression()` (every target, one call) and `distance_test()` (1,000 "
+        "permutations). The ratio is the stage's seconds over the same run's training seconds; "
+        "peak memory is the sampled rise of resident memory during the stage. Cells give the "
+        "mean and each model seed. One untimed pass of the road ran first, so that one-time "
+        "costs (numba compilation, lazy imports) count in no stage.",
+        "",
+    ]
+    stages = {
+        "train": "`train`",
+        "write_outputs": "`write_outputs()`",
+        "differential_expression": "`differential_expression()`, every target",
+        "distance_test": "`distance_test()`",
+    }
+    for screen, n_cells, n_genes in sorted(
+        {(r["screen"], r["cells"], r["genes"]) for r in records}
+    ):
+        runs = sorted(
+            (
+                r
+                for r in records
+                if (r["screen"], r["cells"], r["genes"]) == (screen, n_cells, n_genes)
+            ),
+            key=lambda r: r["seed"],
+        )
+        lines += [
+            f"### {screen} screen, {n_cells:,} cells × {n_genes:,} genes, "
+            f"{runs[0]['n_targets']} targets",
+            "",
+            "| stage | seconds | ratio to training | peak memory rise (MB) |",
+            "|---|---|---|---|",
+        ]
+        for stage, name in stages.items():
+            ratio = cell([r.get(f"ratio_{stage}") for r in runs], "{:.2f}")
+            lines.append(
+                f"| {name} | {cell([r[f'seconds_{stage}'] for r in runs], '{:.1f}')} "
+                f"| {'1' if stage == 'train' else ratio} "
+                f"| {cell([r[f'peak_mb_{stage}'] for r in runs], '{:.0f}')} |"
+            )
+        lines += [
+            "",
+            f"Epochs trained (at most {runs[0].get('max_epochs', 100)}): "
+            f"{cell([r['epochs'] for r in runs], '{:.0f}')}.",
+        ]
+        lines += ["", *commands(runs), ""]
+    return lines
+
+
+def epoch_time_section() -> list[str]:
+    records = load("epoch_time")
+    timings = sorted(
+        (r for r in records if r["kind"] == "timing"), key=lambda r: (r["cells"], r["batch_size"])
+    )
+    profiles = [r for r in records if r["kind"] == "profile"]
+    if not timings and not profiles:
+        return []
+    methods = ("ContrastiveVAE", "ContrastiveVI")
+    lines = [
+        "## Seconds per epoch (`benchmarks/epoch_time.py`)",
+        "",
+        "ContrastiveVAE against scvi-tools' ContrastiveVI on the simulated core screen, equal "
+        "latent sizes (10 + 10), hidden layer (128), training share (90%) and cells per group per "
+        "step; early stopping off. A run's seconds per epoch is the median of its timed epochs "
+        "(after a warm-up epoch); the methods alternate, and each pair's ratio (ContrastiveVAE "
+        "over ContrastiveVI) is given, since only a ratio measured side by side compares across "
+        "runs on a shared machine. Seconds per epoch: the median over the runs; cells per "
+        "second: the training cells over it.",
+        "",
+    ]
+    if timings:
+        lines += [
+            "| cells × genes | cells per group per step | ContrastiveVAE s / epoch "
+            "| ContrastiveVI s / epoch | ratio, median (range) | ratio per pair "
+            "| ContrastiveVAE cells / s | ContrastiveVI cells / s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        repeated = set()
+        for r in timings:
+            seconds = {m: float(np.median(r["seconds_per_epoch"][m])) for m in methods}
+            ratios = r["ratios"]
+            spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+            size = f"{r['cells']:,} × {r['genes']:,}"
+            if r["simulated_cells"] < r["cells"]:
+                size += "*"
+                repeated.add(r["simulated_cells"])
+            lines.append(
+                f"| {size} | {r['batch_size']} | {seconds[methods[0]]:.2f} "
+                f"| {seconds[methods[1]]:.2f} | **{np.median(ratios):.2f}**{spread} "
+                f"| {', '.join(f'{v:.2f}' for v in ratios)} | "
+                + " | ".join(f"{r['train_size'] * r['cells'] / seconds[m]:,.0f}" for m in methods)
+                + " |"
+            )
+        if repeated:
+            lines += [
+                "",
+                "\\* The cells of a "
+                + " or ".join(f"{n:,}" for n in sorted(repeated))
+                + "-cell simulated screen, repeated.",
+            ]
+        lines += ["", *commands(timings), ""]
+    for r in sorted(profiles, key=lambda r: (r["cells"], r["batch_size"])):
+        lines += [
+            f"Operators with the most self time in one ContrastiveVAE epoch, {r['cells']:,} "
+            f"cells, {r['batch_size']} per group per step (torch.profiler):",
+            "",
+            "| operator | self time (s) | share | calls |",
+            "|---|---|---|---|",
+        ]
+        total = r["total_seconds"]
+        for op in r["operators"]:
+            lines.append(
+                f"| `{op['operator']}` | {op['seconds']:.2f} | {op['seconds'] / total:.1%} "
+                f"| {op['calls']} |"
+            )
+        lines += [f"| all operators | {total:.2f} | 100% | |", "", *commands([r]), ""]
+    return lines
+
+
+def memory_section() -> list[str]:
+    records = load("memory_scale")
+    if not records:
+        return []
+    lines = [
+        "## Peak memory, in memory against backed (`benchmarks/memory_scale.py`)",
+        "",
+        "The simulated core screen, counts stored as sparse CSR in h5ad; each run in a fresh "
+        "process reads the file (in memory, or `backed='r'`), trains one epoch and writes the "
+        "outputs (in memory: `write_outputs()`, its two dense layers in the AnnData; backed: "
+        "`write_outputs(layers_file=...)`, streaming the layers into a new file). Peak resident "
+        "set size (`VmHWM`), cumulative up to each point.",
+        "",
+        "| cells × genes | data | peak RSS after reading (MB) | after training 1 epoch (MB) "
+        "| after the outputs (MB) | seconds to the end |",
+        "|---|---|---|---|---|---|",
+    ]
+    repeated = set()
+    order = {"in memory": 0, "backed": 1}
+    for r in sorted(records, key=lambda r: (r["cells"], r["genes"], order.get(r["mode"], 2))):
+        size = f"{r['cells']:,} × {r['genes']:,}"
+        if r["simulated_cells"] < r["cells"]:
+            size += "*"
+            repeated.add(r["simulated_cells"])
+        peaks = " | ".join(
+            f"{r[f'peak_mb_{phase}']:,.0f}" for phase in ("read", "trained", "outputs")
+        )
+        lines.append(f"| {size} | {r['mode']} | {peaks} | {r['seconds']:.0f} |")
+    if repeated:
+        lines += [
+            "",
+            "\\* The cells of a "
+            + " or ".join(f"{n:,}" for n in sorted(repeated))
+            + "-cell simulated screen, repeated, each repeat with targets of its own (cells per "
+            "target stay constant, as in genome-wide screens).",
+        ]
+    return [*lines, "", *commands(records), ""]
+
+
+def ddp_section() -> list[str]:
+    records = load("ddp_scaling")
+    if not records:
+        return []
+    lines = [
+        "## One process against two, DDP (`benchmarks/ddp_scaling.py`)",
+        "",
+        "The simulated core screen; early stopping off, validation every epoch, the default "
+        "model and batch size. One process uses 2 torch threads, two processes (Lightning DDP, "
+        "gloo on CPU) 1 each, on 2 cores. With 2 processes an epoch has half as many optimiser "
+        "steps, each on twice as many cells. The validation −ELBO is per cell, averaged over "
+        "the ranks; program separation and subclone leakage of the salient latent as in "
+        "`screens.py`.",
+        "",
+    ]
+    for n_cells, n_genes, epochs in sorted(
+        {(r["cells"], r["genes"], r["epochs"]) for r in records}
+    ):
+        runs = sorted(
+            (
+                r
+                for r in records
+                if (r["cells"], r["genes"], r["epochs"]) == (n_cells, n_genes, epochs)
+            ),
+            key=lambda r: (r["seed"], r["processes"], r["lr"]),
+        )
+        lines += [
+            f"### {n_cells:,} cells × {n_genes:,} genes, {epochs} epoch{'s' * (epochs != 1)}",
+            "",
+            "| model seed | processes | learning rate | training seconds | ratio to 1 process "
+            "| final validation −ELBO | program separation | subclone accuracy |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in runs:
+            lines.append(
+                f"| {r['seed']} | {r['processes']} | {r['lr']:g} | {r['seconds']:.0f} "
+                f"| {r['ratio_to_one_process']:.2f} | {r['elbo_validation']:.1f} "
+                f"| {r['program_separation']:.3f} | {r['subclone_accuracy']:.3f} |"
+            )
+        lines += ["", *commands(runs), ""]
+    return lines
+
+
 def main():
-    sections = [INTRODUCTION, *screens_section(), *papalexi_section()]
+    sections = [
+        INTRODUCTION,
+        *screens_section(),
+        *papalexi_section(),
+        *road_section(),
+        *epoch_time_section(),
+        *memory_section(),
+        *ddp_section(),
+    ]
     OUTPUT.write_text("\n".join(sections).rstrip("\n") + "\n")
     print(f"wrote {OUTPUT} ({OUTPUT.stat().st_size / 1000:.0f} KB)")
 
