@@ -137,7 +137,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run_command(commands)
+    _add_demo_command(commands)
+    return parser
 
+
+def _add_run_command(commands) -> None:
+    """Add ``run``: train on a file and write every output into a copy of it."""
     run = commands.add_parser(
         "run",
         help="train on a screen and write every output",
@@ -210,6 +216,9 @@ def _parser() -> argparse.ArgumentParser:
     _common_options(run)
     run.set_defaults(handler=_run)
 
+
+def _add_demo_command(commands) -> None:
+    """Add ``demo``: the pipeline of ``run`` on the bundled Papalexi 2021 subset."""
     demo = commands.add_parser(
         "demo",
         help="run the job on the bundled Papalexi 2021 subset",
@@ -237,7 +246,6 @@ def _parser() -> argparse.ArgumentParser:
         checkpoint_dir=None,
         checkpoint_every=1,
     )
-    return parser
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
