@@ -330,7 +330,8 @@ def run_pipeline(args, data, setup: dict, resume_from: Path | None, write=None):
     validating = args.train_size < 1
     _step(args, "training" + (" (early stopping on the validation ELBO)" if validating else ""))
     if resume_from is not None:
-        _step(args, f"resuming from {resume_from}")
+        # Always said, progress or not: a pipeline's log must show that this run resumed.
+        print(f"pertpy-contrastive: resuming from {resume_from}", file=sys.stderr, flush=True)
     model.train(
         max_epochs=args.epochs,
         train_size=args.train_size,

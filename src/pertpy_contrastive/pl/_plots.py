@@ -38,8 +38,8 @@ _HORIZONTAL = (
 )
 
 
-def _missing_outputs(what: str, prefix: str) -> KeyError:
-    return KeyError(
+def _missing_outputs(what: str, prefix: str) -> MissingKeyError:
+    return MissingKeyError(
         f"{what} is missing. Run model.write_outputs(adata) first, or pass the prefix= the "
         f"outputs were written with (here prefix={prefix!r})."
     )
