@@ -7,10 +7,12 @@ import numpy as np
 import pandas as pd
 import pertpy as pt
 import pytest
-from _helpers import CONTROL
+from _helpers import CONTROL, quick_train, setup
 
 import pertpy_contrastive as pc
+from pertpy_contrastive._data import InvalidValueError
 
+OUTPUT_ATTRIBUTES = ("obs", "obsm", "layers", "uns")
 OUTPUT_KEYS = {
     "obsm": ["X_contrastive_salient", "X_contrastive_background"],
     "layers": ["contrastive_denoised", "contrastive_effect"],
@@ -70,6 +72,24 @@ def test_outputs_never_overwrite_silently(trained):
     np.testing.assert_allclose(adata.layers["contrastive_effect"], before, atol=1e-5)
     written = model.write_outputs(adata.copy(), prefix="second")
     assert "second_denoised" in written.layers and "X_second_salient" in written.obsm
+
+
+@pytest.mark.parametrize(
+    ("selection", "given"),
+    [
+        ({"gene_list": ["T00", "gene_0010"]}, "gene_list given"),
+        ({"cell_indices": [0, 5]}, "cell_indices given"),
+        ({"gene_list": ["T00"], "cell_indices": [0]}, "gene_list and cell_indices given"),
+    ],
+)
+def test_layer_subsets_without_a_layers_file_are_refused(screen, selection, given):
+    setup(screen, batch_key="batch")
+    model = quick_train(pc.ContrastiveVAE(screen, n_hidden=16))
+    keys = {attribute: list(getattr(screen, attribute)) for attribute in OUTPUT_ATTRIBUTES}
+    with pytest.raises(InvalidValueError, match=f"{given} without layers_file=") as refused:
+        model.write_outputs(prefix="subset", **selection)
+    assert "Pass layers_file=<new .h5ad path>" in str(refused.value)
+    assert {attribute: list(getattr(screen, attribute)) for attribute in OUTPUT_ATTRIBUTES} == keys
 
 
 def test_denoised_expression_removes_background_keeps_programs(trained):

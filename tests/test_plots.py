@@ -153,7 +153,10 @@ def test_perturbation_ranking_of_the_model_table(trained, distance_table, tmp_pa
     assert len(set(colours[is_significant])) <= 1
     assert len(set(colours[~is_significant])) <= 1
     assert not set(colours[is_significant]) & set(colours[~is_significant])
-    assert axis.get_xlabel() == f"distance to {CONTROL}"
+    # The model's table has no contrast row; given the contrast, the axis names it.
+    assert axis.get_xlabel() == "distance"
+    named = pc.pl.perturbation_ranking(distance_table, contrast=CONTROL, return_fig=True)
+    assert named.axes[0].get_xlabel() == f"distance to {CONTROL}"
 
 
 def test_perturbation_ranking_colours_by_adjusted_p_value():

@@ -79,7 +79,7 @@ def test_large_control_sets_are_subsampled_as_the_reference(trained, monkeypatch
     full = model.get_responder_probability(adata)
     _, cells = model._calibrated_background(adata, "rna")
     n_controls = len(cells.controls)
-    monkeypatch.setattr(pc._responders, "MAX_REFERENCE_CONTROLS", n_controls // 2)
+    monkeypatch.setattr(pc._background, "MAX_REFERENCE_CONTROLS", n_controls // 2)
     _, capped_cells = model._calibrated_background(adata, "rna")
     assert len(capped_cells.controls) == n_controls  # every control still gets class NT
     assert capped_cells.control_cells.counts.shape == (n_controls // 2, adata.n_vars)

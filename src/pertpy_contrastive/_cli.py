@@ -137,7 +137,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run_command(commands)
+    _add_demo_command(commands)
+    return parser
 
+
+def _add_run_command(commands) -> None:
+    """Add ``run``: train on a file and write every output into a copy of it."""
     run = commands.add_parser(
         "run",
         help="train on a screen and write every output",
@@ -210,6 +216,9 @@ def _parser() -> argparse.ArgumentParser:
     _common_options(run)
     run.set_defaults(handler=_run)
 
+
+def _add_demo_command(commands) -> None:
+    """Add ``demo``: the pipeline of ``run`` on the bundled Papalexi 2021 subset."""
     demo = commands.add_parser(
         "demo",
         help="run the job on the bundled Papalexi 2021 subset",
@@ -237,7 +246,6 @@ def _parser() -> argparse.ArgumentParser:
         checkpoint_dir=None,
         checkpoint_every=1,
     )
-    return parser
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
@@ -322,7 +330,8 @@ def run_pipeline(args, data, setup: dict, resume_from: Path | None, write=None):
     validating = args.train_size < 1
     _step(args, "training" + (" (early stopping on the validation ELBO)" if validating else ""))
     if resume_from is not None:
-        _step(args, f"resuming from {resume_from}")
+        # Always said, progress or not: a pipeline's log must show that this run resumed.
+        print(f"pertpy-contrastive: resuming from {resume_from}", file=sys.stderr, flush=True)
     model.train(
         max_epochs=args.epochs,
         train_size=args.train_size,

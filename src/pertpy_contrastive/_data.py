@@ -159,7 +159,7 @@ def _missing_key_error(adata: AnnData, key: str, role: str, parent_obs: pd.DataF
             f" It is a column of the MuData's global obs: copy it to the modality first, e.g. "
             f"`mdata.mod[modality].obs[{key!r}] = mdata.obs[{key!r}]`."
         )
-    return KeyError(
+    return MissingKeyError(
         f"{role} {key!r} is not a column of obs. Available columns: {list(adata.obs.columns)}."
         + hint
     )

@@ -40,10 +40,10 @@ from scipy import special, stats
 from scvi.model.base._de_core import _fdr_de_prediction
 
 from . import _responder_mixture as mixture
+from ._background import CalibratedBackground
 from ._calling import contrast_label
 from ._constants import DE_DELTA, DE_FDR_TARGET, TARGET_KEY
 from ._data import InvalidValueError, as_label_list
-from ._responders import dense_counts
 
 _SCORING_STEPS = 25
 _PRIOR_SCALES = np.array([0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2])
@@ -161,7 +161,7 @@ class DifferentialExpressionMixin:
         )
 
     def _differential_expression(
-        self, adata, cells, tested, probability, delta, fdr_target
+        self, adata, cells: CalibratedBackground, tested, probability, delta, fdr_target
     ) -> pd.DataFrame:
         """:meth:`differential_expression` of validated ``tested`` targets on decoded ``cells``.
 
@@ -173,7 +173,7 @@ class DifferentialExpressionMixin:
         tables = []
         for label in tested:
             members = cells.of_target(labels.index(label))
-            counts = dense_counts(cells.counts[members])
+            counts = cells.counts_of(members)
             weights = torch.as_tensor(
                 np.ones(len(members)) if probability is None else probability[members],
                 dtype=torch.float64,

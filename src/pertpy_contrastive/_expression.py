@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
@@ -19,10 +20,10 @@ from anndata import AnnData
 from mudata import MuData
 from scvi.utils import track
 
+from ._background import select_cells
 from ._constants import GROUP_KEY, INFERENCE_BATCH_SIZE, NORMALISED_LIBRARY_SIZE, CellGroup
 from ._data import ExistingFileError, InvalidValueError, MissingKeyError, resolve_modality
 from ._files import written_whole
-from ._responders import dense_counts, select_cells
 
 ROLE_NAMES = {
     CellGroup.BACKGROUND: "background control",
@@ -41,25 +42,48 @@ def _proportions(background: torch.Tensor) -> torch.Tensor:
     return background / background.sum(1, keepdim=True)
 
 
-def _read_rows(matrix, rows: np.ndarray):
-    """Rows of an in-memory or backed (h5py) matrix; a backed one needs sorted indices."""
-    order = np.argsort(rows, kind="stable")
-    if (order == np.arange(len(rows))).all():
-        return matrix[rows]
-    sorted_rows = matrix[rows[order]]
-    return sorted_rows[np.argsort(order, kind="stable")]
+@dataclass(frozen=True)
+class _LayerPlan:
+    """Where :meth:`ExpressionMixin.write_outputs` puts the two dense layers, and which part."""
+
+    dense: bool
+    """Whether the layers are computed at all (``dense_layers``)."""
+    file: str | Path | None = None
+    """The new h5ad file the layers are streamed into; ``None``: into the AnnData."""
+    rows: np.ndarray | None = None
+    """Positions of the file's cells."""
+    genes: np.ndarray | None = None
+    """Positions of the file's genes."""
+    n_cells: int | None = None
+    """Number of cells selected with ``cell_indices``; ``None``: all."""
+    n_genes: int | None = None
+    """Number of genes selected with ``gene_list``; ``None``: all."""
+
+    @property
+    def in_adata(self) -> bool:
+        return self.dense and self.file is None
+
+    @property
+    def streamed(self) -> bool:
+        return self.dense and self.file is not None
 
 
-def _layer_selection(adata, dense_layers, layers_file, gene_list, cell_indices, overwrite):
-    """Positions of the cells and genes of the layers file, after checking the arguments."""
+def _layer_plan(adata, dense_layers, layers_file, gene_list, cell_indices, overwrite) -> _LayerPlan:
+    """Return where the layers go and the cells and genes of the file, once checked."""
     if layers_file is None:
         if gene_list is not None or cell_indices is not None:
-            raise InvalidValueError(
-                "gene_list and cell_indices select the layers written to layers_file=; a layer "
-                "of the AnnData covers every cell and gene. Pass layers_file=<new .h5ad path>, "
-                "or get_denoised_expression(indices=...) for an array."
+            given = " and ".join(
+                name
+                for name, value in (("gene_list", gene_list), ("cell_indices", cell_indices))
+                if value is not None
             )
-        return None, None
+            raise InvalidValueError(
+                f"{given} given without layers_file=. gene_list and cell_indices select the "
+                "layers written to layers_file=; a layer of the AnnData covers every cell and "
+                "gene. Pass layers_file=<new .h5ad path>, or get_denoised_expression(indices=...) "
+                "for an array."
+            )
+        return _LayerPlan(dense=dense_layers)
     if not dense_layers:
         raise InvalidValueError(
             "layers_file= streams the dense layers; it needs dense_layers=True."
@@ -68,6 +92,20 @@ def _layer_selection(adata, dense_layers, layers_file, gene_list, cell_indices, 
         raise ExistingFileError(
             f"{layers_file} exists. Pass overwrite=True to replace it, or another layers_file=."
         )
+    rows = _layer_rows(adata, cell_indices)
+    genes = np.arange(adata.n_vars) if gene_list is None else _layer_genes(adata, gene_list)
+    return _LayerPlan(
+        dense=dense_layers,
+        file=layers_file,
+        rows=rows,
+        genes=genes,
+        n_cells=None if cell_indices is None else len(rows),
+        n_genes=None if gene_list is None else len(genes),
+    )
+
+
+def _layer_rows(adata, cell_indices) -> np.ndarray:
+    """Return the positions of the layers file's cells, checked: ``cell_indices``, or all."""
     rows = np.arange(adata.n_obs) if cell_indices is None else np.asarray(cell_indices)
     if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
         raise InvalidValueError("cell_indices must be a non-empty sequence of cell positions.")
@@ -75,8 +113,11 @@ def _layer_selection(adata, dense_layers, layers_file, gene_list, cell_indices, 
         raise InvalidValueError(
             f"cell_indices must be distinct positions between 0 and {adata.n_obs - 1}."
         )
-    if gene_list is None:
-        return rows, np.arange(adata.n_vars)
+    return rows
+
+
+def _layer_genes(adata, gene_list) -> np.ndarray:
+    """Return the positions of the genes ``gene_list`` names, checked to be in ``adata``."""
     gene_list = [gene_list] if isinstance(gene_list, str) else list(gene_list)
     missing = [gene for gene in gene_list if gene not in adata.var_names]
     if missing or not gene_list:
@@ -86,7 +127,7 @@ def _layer_selection(adata, dense_layers, layers_file, gene_list, cell_indices, 
             if missing
             else "gene_list is empty."
         )
-    return rows, adata.var_names.get_indexer(gene_list)
+    return adata.var_names.get_indexer(gene_list)
 
 
 def check_finite_latent(latent: np.ndarray) -> None:
@@ -118,39 +159,6 @@ class ExpressionMixin:
                 self.adata_manager.registry["setup_args"], sort_keys=True, default=str
             ),
         }
-
-    @torch.inference_mode()
-    def _posterior_means(self, adata, indices) -> dict[str, torch.Tensor]:
-        """Posterior means of z and s, with each cell's covariates, in one encoding pass.
-
-        Written into arrays allocated once for all cells, not concatenated from a list of
-        chunks: small chunk results kept alive between the freed count chunks fragment glibc's
-        heap, and the resident memory grew with the cells (by 1.4 GB at 200,000 cells).
-        """
-        n_cells = adata.n_obs if indices is None else len(indices)
-        means, start = {}, 0
-        for tensors in self._make_data_loader(
-            adata=adata, indices=indices, batch_size=INFERENCE_BATCH_SIZE
-        ):
-            inputs, _ = self.module._get_fn_args_from_batch(tensors)
-            posterior = self.module.encode(*inputs.encoder_inputs)
-            chunk = {
-                "z": posterior["background"][0],
-                "s": posterior["salient"][0],
-                "batch": inputs.batch_index,
-                "cat": inputs.cat_covs,
-                "cont": inputs.cont_covs,
-                "library": inputs.x.sum(-1),
-            }
-            if not means:
-                means = {
-                    key: value.new_empty((n_cells, *value.shape[1:]))
-                    for key, value in chunk.items()
-                }
-            for key, value in chunk.items():
-                means[key][start : start + len(value)] = value
-            start += len(chunk["z"])
-        return means
 
     def _reference_indices(self, adata, reference_indices, n_reference_cells, seed) -> np.ndarray:
         """Return the reference cells: those given, or a sample of contrast controls."""
@@ -190,7 +198,7 @@ class ExpressionMixin:
         layer = np.empty((len(rows), n_genes), dtype=np.float32)
         for start in range(0, len(rows), INFERENCE_BATCH_SIZE):
             chunk = rows[start : start + INFERENCE_BATCH_SIZE]
-            removed = dense_counts(_read_rows(cells.counts, chunk)) * reference
+            removed = cells.counts_of(chunk) * reference
             removed /= _proportions(cells.background(chunk))
             totals = removed.sum(1, keepdim=True).clamp(min=torch.finfo(removed.dtype).tiny)
             layer[start : start + len(chunk)] = (removed[:, genes] / totals * library_size).numpy()
@@ -455,52 +463,40 @@ class ExpressionMixin:
         The AnnData written to.
         """
         target = self.adata if adata is None else resolve_modality(adata, modality)
-        layer_rows, layer_genes = _layer_selection(
-            target, dense_layers, layers_file, gene_list, cell_indices, overwrite
-        )
-        keys = _output_keys(prefix)
-        in_adata = {
-            attribute: named
-            for attribute, named in keys.items()
-            if attribute != "layers" or (dense_layers and layers_file is None)
-        }
-        _check_free_keys(target, in_adata, overwrite)
+        layers = _layer_plan(target, dense_layers, layers_file, gene_list, cell_indices, overwrite)
+        keys = _free_output_keys(target, prefix, layers.in_adata, overwrite)
+        arguments = _output_arguments(threshold, n_reference_cells, n_perms, seed, layers)
+        outputs = self._outputs(target, keys, layers, arguments, modality, progress_bar)
+        # Written only once everything is computed (the layers file aside), so a failure leaves
+        # the data as it was.
+        _write_into(target, outputs)
+        return target
+
+    def _outputs(self, target, keys, layers, arguments, modality, progress_bar) -> dict:
+        """Compute what :meth:`write_outputs` writes into ``target``; stream the layers file."""
         self._check_if_trained(warn=False)
         self._validate_anndata(target)
-        arguments = {
-            "threshold": threshold,
-            "n_reference_cells": n_reference_cells,
-            "n_perms": n_perms,
-            "seed": seed,
-            "dense_layers": dense_layers,
-            "layers_file": None if layers_file is None else str(layers_file),
-            "n_layer_genes": None if gene_list is None else len(layer_genes),
-            "n_layer_cells": None if cell_indices is None else len(layer_rows),
-        }
         # One encoding pass serves the latents, the effect layer, the background-removed layer
         # and the responder calls.
         cells = self._posterior_means(target, None)
         _, calibrated = self._calibrated_background(target, modality, posterior_means=cells)
-        reference = self._reference_indices(target, None, n_reference_cells, seed)
+        reference = self._reference_indices(
+            target, None, arguments["n_reference_cells"], arguments["seed"]
+        )
         outputs = self._cell_outputs(target, keys, cells, calibrated, reference, arguments)
-        if dense_layers and layers_file is not None:
+        if layers.streamed:
             self._stream_layers(
-                Path(layers_file),
+                Path(layers.file),
                 target,
                 cells,
                 calibrated,
                 reference,
                 keys["layers"],
-                layer_rows,
-                layer_genes,
+                layers.rows,
+                layers.genes,
                 progress_bar,
             )
-        # Written only once everything is computed (the layers file aside), so a failure leaves
-        # the data as it was.
-        for attribute, values in outputs.items():
-            for key, value in values.items():
-                getattr(target, attribute)[key] = value
-        return target
+        return outputs
 
     def _cell_outputs(self, target, keys, cells, calibrated, reference, arguments) -> dict:
         """Everything :meth:`write_outputs` writes into the AnnData, by attribute and key."""
@@ -556,11 +552,18 @@ def _output_keys(prefix: str) -> dict[str, dict[str, str]]:
     }
 
 
-def _check_free_keys(target: AnnData, keys: dict[str, dict[str, str]], overwrite: bool) -> None:
-    """Refuse, before anything is computed, keys that ``target`` already holds."""
+def _free_output_keys(
+    target: AnnData, prefix: str, with_layers: bool, overwrite: bool
+) -> dict[str, dict[str, str]]:
+    """Return the keys written into ``target``, once checked to be free (or ``overwrite``).
+
+    Checked before anything is computed, so that a taken key costs no time.
+    """
+    keys = _output_keys(prefix)
     taken = [
         f"{attribute}[{key!r}]"
         for attribute, named in keys.items()
+        if attribute != "layers" or with_layers
         for key in named.values()
         if key in getattr(target, attribute)
     ]
@@ -569,3 +572,25 @@ def _check_free_keys(target: AnnData, keys: dict[str, dict[str, str]], overwrite
             f"{', '.join(taken)} already exist. Pass overwrite=True to replace them, or "
             "another prefix=."
         )
+    return keys
+
+
+def _output_arguments(threshold, n_reference_cells, n_perms, seed, layers: _LayerPlan) -> dict:
+    """Return the arguments of :meth:`ExpressionMixin.write_outputs` its provenance records."""
+    return {
+        "threshold": threshold,
+        "n_reference_cells": n_reference_cells,
+        "n_perms": n_perms,
+        "seed": seed,
+        "dense_layers": layers.dense,
+        "layers_file": None if layers.file is None else str(layers.file),
+        "n_layer_genes": layers.n_genes,
+        "n_layer_cells": layers.n_cells,
+    }
+
+
+def _write_into(target: AnnData, outputs: dict[str, dict]) -> None:
+    """Write ``outputs`` (values by attribute and key) into ``target``."""
+    for attribute, values in outputs.items():
+        for key, value in values.items():
+            getattr(target, attribute)[key] = value

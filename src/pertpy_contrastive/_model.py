@@ -40,6 +40,7 @@ from scvi.model.base._constants import SAVE_KEYS
 from scvi.model.base._save_load import _load_saved_files
 from scvi.train import LoudEarlyStopping
 
+from ._background import CalibratedBackgroundMixin
 from ._calling import CallingMixin
 from ._constants import (
     BACKGROUND_MMD_WEIGHT,
@@ -82,7 +83,12 @@ logger = logging.getLogger(__name__)
 
 
 class ContrastiveVAE(
-    CallingMixin, ResponderMixin, DifferentialExpressionMixin, ExpressionMixin, BaseModelClass
+    CallingMixin,
+    ResponderMixin,
+    DifferentialExpressionMixin,
+    ExpressionMixin,
+    CalibratedBackgroundMixin,
+    BaseModelClass,
 ):
     """Contrastive VAE for CRISPR screens, written in Pyro.
 
@@ -258,32 +264,21 @@ class ContrastiveVAE(
         excluded_labels = as_label_list(exclude)
         categorical_covariate_keys = list(categorical_covariate_keys or [])
         continuous_covariate_keys = list(continuous_covariate_keys or [])
-        transferring = kwargs.get("source_registry") is not None
-
-        if not control_labels:
-            raise InvalidValueError(
-                "control must name at least one control label, e.g. 'non-targeting'."
-            )
-        overlap = set(control_labels) & set(excluded_labels)
-        if overlap:
-            raise InvalidValueError(f"Labels {sorted(overlap)} are both control and excluded.")
-        if perturbation_key not in adata.obs and not transferring:
-            validate_covariates(adata, {perturbation_key: "Perturbation key"}, [], parent_obs)
-        categorical = {key: "Categorical covariate" for key in categorical_covariate_keys}
-        if batch_key is not None:
-            categorical[batch_key] = "Batch key"
-        validate_covariates(adata, categorical, continuous_covariate_keys, parent_obs)
-        if guide_key is not None and guide_key not in adata.obs and not transferring:
-            validate_covariates(adata, {guide_key: "Guide key"}, [], parent_obs)
-        source = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-        validate_counts(get_count_matrix(adata, layer), source, adata.obs_names)
-        if not transferring:
-            assign_groups(
-                adata.obs[perturbation_key], control_labels, excluded_labels, perturbation_key
-            )
-
+        _validate_setup(
+            adata,
+            parent_obs,
+            perturbation_key,
+            control_labels,
+            excluded_labels,
+            layer,
+            batch_key,
+            guide_key,
+            categorical_covariate_keys,
+            continuous_covariate_keys,
+            transferring=kwargs.get("source_registry") is not None,
+        )
         fields = [
-            # Counts were validated above, with clearer messages than the field's own check.
+            # Counts were validated by _validate_setup, with clearer messages than the field's.
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             PerturbationGroupField(perturbation_key, control_labels, excluded_labels),
             PerturbationTargetField(perturbation_key, control_labels, excluded_labels),
@@ -377,6 +372,9 @@ class ContrastiveVAE(
         **trainer_kwargs
             Further arguments of :class:`~scvi.train.Trainer` (e.g. ``gradient_clip_val``).
         """
+        # This call's arguments; the defaults that depend on the training cells are filled in
+        # once the cells are split.
+        arguments = {name: value for name, value in locals().items() if name != "self"}
         data_splitter = self._data_splitter_cls(
             self.adata_manager,
             train_size=train_size,
@@ -384,57 +382,25 @@ class ContrastiveVAE(
             seed=seed,
             stratify_by_batch=stratify_by_batch,
         )
-        if max_epochs is None:
-            max_epochs = get_max_epochs_heuristic(data_splitter.n_train)
-        if n_epochs_kl_warmup is None:
-            n_epochs_kl_warmup = max(1, math.ceil(max_epochs / 4))
-        if early_stopping and data_splitter.val_sampler is None:
-            logger.warning(
-                "No validation cells (train_size=%s): early stopping is off.", train_size
-            )
-            early_stopping = False
-        plan_kwargs = {
-            "lr": lr,
-            "n_epochs_kl_warmup": n_epochs_kl_warmup,
-            "seed": seed,
-            **(plan_kwargs or {}),
-        }
-        trainer_kwargs = {
-            "accelerator": accelerator,
-            "devices": devices,
-            "strategy": strategy,
-            "num_nodes": num_nodes,
-            # PairedDataSplitter shards its own steps across processes (see PairedBatchSampler).
-            "use_distributed_sampler": False,
-            "early_stopping_monitor": MONITORED,
-            "early_stopping_patience": early_stopping_patience,
-            **trainer_kwargs,
-        }
-        trainer_kwargs.setdefault(
-            "early_stopping_warmup_epochs", min(n_epochs_kl_warmup, max_epochs)
+        arguments |= _epoch_schedule(
+            data_splitter, max_epochs, n_epochs_kl_warmup, early_stopping, train_size
         )
-        if checkpoint_dir is not None or resume_from is not None:
+        self._run_training(data_splitter, arguments)
+
+    def _plan_kwargs(self, arguments: dict) -> dict:
+        """Return the training plan's arguments; with checkpoints, the run they must match."""
+        plan_kwargs = {
+            "lr": arguments["lr"],
+            "n_epochs_kl_warmup": arguments["n_epochs_kl_warmup"],
+            "seed": arguments["seed"],
+            **(arguments["plan_kwargs"] or {}),
+        }
+        if arguments["checkpoint_dir"] is not None or arguments["resume_from"] is not None:
             plan_kwargs["run_arguments"] = self._run_arguments(
-                max_epochs=max_epochs,
-                batch_size=batch_size,
-                train_size=train_size,
-                seed=seed,
-                early_stopping=early_stopping,
-                early_stopping_patience=early_stopping_patience,
-                stratify_by_batch=stratify_by_batch,
+                **{key: arguments[key] for key in _RUN_SETTINGS},
                 **{key: plan_kwargs[key] for key in ("lr", "n_epochs_kl_warmup")},
             )
-        if resume_from is not None:
-            trainer_kwargs["ckpt_path"] = _checkpoint_file(resume_from)
-        self._run_training(
-            data_splitter,
-            plan_kwargs,
-            max_epochs,
-            early_stopping,
-            seed,
-            trainer_kwargs,
-            _checkpoint_callback(checkpoint_dir, checkpoint_every_n_epochs),
-        )
+        return plan_kwargs
 
     def _run_arguments(self, **train_arguments) -> dict:
         """Return what a checkpoint must share with a run that resumes from it."""
@@ -445,20 +411,16 @@ class ContrastiveVAE(
             "genes": self.adata.n_vars,
         }
 
-    def _run_training(
-        self,
-        data_splitter,
-        plan_kwargs,
-        max_epochs,
-        early_stopping,
-        seed,
-        trainer_kwargs,
-        checkpoint=None,
-    ) -> None:
-        """One Lightning run through scvi-tools' runner, saving ``checkpoint``s if given."""
+    def _run_training(self, data_splitter, arguments: dict) -> None:
+        """One Lightning run through scvi-tools' runner, given the arguments of :meth:`train`."""
+        plan_kwargs = self._plan_kwargs(arguments)
+        trainer_kwargs = _trainer_kwargs(arguments)
+        checkpoint = _checkpoint_callback(
+            arguments["checkpoint_dir"], arguments["checkpoint_every_n_epochs"]
+        )
+        early_stopping = arguments["early_stopping"]
         self.module.train()  # a trained model is left in eval mode; training resumes from it
         training_plan = self._training_plan_cls(self.module, **plan_kwargs)
-        trainer_kwargs = dict(trainer_kwargs)
         if use_distributed_sampler(trainer_kwargs["strategy"]):
             trainer_kwargs = _distributed_early_stopping(trainer_kwargs, early_stopping)
             early_stopping = False
@@ -469,7 +431,7 @@ class ContrastiveVAE(
                 self,
                 training_plan=training_plan,
                 data_splitter=data_splitter,
-                max_epochs=max_epochs,
+                max_epochs=arguments["max_epochs"],
                 early_stopping=early_stopping,
                 **trainer_kwargs,
             )
@@ -481,7 +443,7 @@ class ContrastiveVAE(
             runner.trainer.callbacks.append(checkpoint)
         interrupt_handler = signal.getsignal(signal.SIGINT)
         try:
-            with _seeded_random_state(seed):
+            with _seeded_random_state(arguments["seed"]):
                 runner()
         except SIGTERMException as error:
             # Lightning raises it, a SystemExit with exit code 0, at the step after SIGTERM.
@@ -668,6 +630,47 @@ class ContrastiveVAE(
         return super().load(dir_path, adata=adata, **kwargs)
 
 
+def _validate_setup(
+    adata: AnnData,
+    parent_obs,
+    perturbation_key: str,
+    control_labels: list[str],
+    excluded_labels: list[str],
+    layer: str | None,
+    batch_key: str | None,
+    guide_key: str | None,
+    categorical_covariate_keys: list[str],
+    continuous_covariate_keys: list[str],
+    transferring: bool,
+) -> None:
+    """Check the arguments of :meth:`ContrastiveVAE.setup_anndata` against ``adata``.
+
+    ``transferring`` (registering new data on a trained model's registry) skips the checks of
+    the perturbation and guide columns, which new data need not have.
+    """
+    if not control_labels:
+        raise InvalidValueError(
+            "control must name at least one control label, e.g. 'non-targeting'."
+        )
+    overlap = set(control_labels) & set(excluded_labels)
+    if overlap:
+        raise InvalidValueError(f"Labels {sorted(overlap)} are both control and excluded.")
+    if perturbation_key not in adata.obs and not transferring:
+        validate_covariates(adata, {perturbation_key: "Perturbation key"}, [], parent_obs)
+    categorical = {key: "Categorical covariate" for key in categorical_covariate_keys}
+    if batch_key is not None:
+        categorical[batch_key] = "Batch key"
+    validate_covariates(adata, categorical, continuous_covariate_keys, parent_obs)
+    if guide_key is not None and guide_key not in adata.obs and not transferring:
+        validate_covariates(adata, {guide_key: "Guide key"}, [], parent_obs)
+    source = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    validate_counts(get_count_matrix(adata, layer), source, adata.obs_names)
+    if not transferring:
+        assign_groups(
+            adata.obs[perturbation_key], control_labels, excluded_labels, perturbation_key
+        )
+
+
 _REMOVED_OPTIONS = (
     "wasserstein_weight",
     "salient_encoder_sees_group",
@@ -748,6 +751,63 @@ def _seeded_random_state(seed: int):
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)  # noqa: NPY002
+
+
+_RUN_SETTINGS = (
+    "max_epochs",
+    "batch_size",
+    "train_size",
+    "seed",
+    "early_stopping",
+    "early_stopping_patience",
+    "stratify_by_batch",
+)
+"""Arguments of :meth:`ContrastiveVAE.train` that a checkpoint records (with the training plan's
+``lr`` and ``n_epochs_kl_warmup``): a run resumed from it must have the same."""
+
+
+def _epoch_schedule(
+    data_splitter, max_epochs, n_epochs_kl_warmup, early_stopping, train_size
+) -> dict:
+    """Fill in the defaults that depend on the training cells.
+
+    The epochs (scvi-tools' heuristic), the KL warm-up (a quarter of them), and early stopping,
+    which needs validation cells.
+    """
+    if max_epochs is None:
+        max_epochs = get_max_epochs_heuristic(data_splitter.n_train)
+    if n_epochs_kl_warmup is None:
+        n_epochs_kl_warmup = max(1, math.ceil(max_epochs / 4))
+    if early_stopping and data_splitter.val_sampler is None:
+        logger.warning("No validation cells (train_size=%s): early stopping is off.", train_size)
+        early_stopping = False
+    return {
+        "max_epochs": max_epochs,
+        "n_epochs_kl_warmup": n_epochs_kl_warmup,
+        "early_stopping": early_stopping,
+    }
+
+
+def _trainer_kwargs(arguments: dict) -> dict:
+    """Return the Lightning Trainer's arguments, given the arguments of ``train``."""
+    trainer_kwargs = {
+        "accelerator": arguments["accelerator"],
+        "devices": arguments["devices"],
+        "strategy": arguments["strategy"],
+        "num_nodes": arguments["num_nodes"],
+        # PairedDataSplitter shards its own steps across processes (see PairedBatchSampler).
+        "use_distributed_sampler": False,
+        "early_stopping_monitor": MONITORED,
+        "early_stopping_patience": arguments["early_stopping_patience"],
+        **arguments["trainer_kwargs"],
+    }
+    trainer_kwargs.setdefault(
+        "early_stopping_warmup_epochs",
+        min(arguments["n_epochs_kl_warmup"], arguments["max_epochs"]),
+    )
+    if arguments["resume_from"] is not None:
+        trainer_kwargs["ckpt_path"] = _checkpoint_file(arguments["resume_from"])
+    return trainer_kwargs
 
 
 def _distributed_early_stopping(trainer_kwargs: dict, early_stopping: bool) -> dict:

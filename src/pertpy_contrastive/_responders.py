@@ -2,16 +2,15 @@
 
 A mixin of :class:`~pertpy_contrastive.ContrastiveVAE`, kept apart from training and the
 expression outputs. The responder mixture itself is in ``_responder_mixture.py``; here it runs on
-the background that the trained VAE reads in each cell, calibrated on the contrast controls,
-which training treated as it treated perturbed cells, so that an escaper and a contrast control
-are alike in everything training did to them.
+the background that the trained VAE reads in each cell, calibrated on the contrast controls
+(``_background.py``), which training treated as it treated perturbed cells, so that an escaper
+and a contrast control are alike in everything training did to them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -19,65 +18,23 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from mudata import MuData
-from scipy import sparse, special, stats
-from scvi import REGISTRY_KEYS
+from scipy import special, stats
 
 from . import _responder_mixture as mixture
+from ._background import CalibratedBackground
 from ._constants import (
     GROUP_KEY,
-    INFERENCE_BATCH_SIZE,
-    MAX_REFERENCE_CONTROLS,
     RESPONDER_FOLDS,
     RESPONDER_GENE_FDR,
     TARGET_KEY,
     CellGroup,
 )
-from ._data import InvalidValueError, resolve_modality
+from ._data import InvalidValueError
 
 CONTROL_CLASS = "NT"
 """Class of control cells, as in pertpy's Mixscape."""
 
 CONTROL_GROUPS = (CellGroup.BACKGROUND, CellGroup.CONTRAST)
-
-
-@dataclass(frozen=True)
-class CalibratedBackground:
-    """Cells' counts beside the background the model reads in them, calibrated on controls.
-
-    The background is decoded on demand, for the cells asked for, from each cell's posterior
-    means: no step holds the background of every cell (n_cells x n_genes floats).
-    """
-
-    counts: np.ndarray | sparse.spmatrix
-    posterior_means: dict[str, torch.Tensor]
-    """``_posterior_means`` of every cell."""
-    decode: Callable[[dict[str, torch.Tensor]], torch.Tensor]
-    """Background of cells at their own depth, from their posterior means (uncalibrated)."""
-    offset: torch.Tensor
-    """``o_g`` of ``_responder_mixture.py``: per-gene log correction fitted on controls."""
-    dispersion: torch.Tensor
-    groups: np.ndarray
-    targets: np.ndarray
-    controls: np.ndarray
-    """The contrast controls, which calibrate the background."""
-    control_counts: torch.Tensor
-    """Counts of the reference controls (the contrast controls, all or ``MAX_REFERENCE_CONTROLS``
-    of them), float64."""
-    control_background: torch.Tensor
-    """Calibrated background of the reference controls, decoded once for the offset fit."""
-
-    def background(self, rows: np.ndarray) -> torch.Tensor:
-        """``b_ng * exp(o_g)`` of ``_responder_mixture.py`` for cells ``rows``, float64."""
-        return self.decode(select_cells(self.posterior_means, rows)) * self.offset.exp()
-
-    def of_target(self, index: int) -> np.ndarray:
-        """Perturbed cells whose target has code ``index``."""
-        return np.flatnonzero((self.targets == index) & (self.groups == CellGroup.TARGET))
-
-    @cached_property
-    def control_cells(self) -> mixture.ControlCells:
-        """The controls, the reference of the responder calls and of the DE's offset variance."""
-        return mixture.control_cells(self.control_counts, self.control_background, self.dispersion)
 
 
 @dataclass(frozen=True)
@@ -162,8 +119,8 @@ class ResponderMixin:
 
     def _responder_evidence(
         self,
-        adata,
-        cells,
+        adata: AnnData,
+        cells: CalibratedBackground,
         gene_fdr=RESPONDER_GENE_FDR,
         n_folds=RESPONDER_FOLDS,
         use_target_gene=True,
@@ -185,7 +142,7 @@ class ResponderMixin:
                 continue
             allowed = torch.as_tensor(use_target_gene | (adata.var_names != label))
             target = mixture.cross_fitted_evidence(
-                dense_counts(cells.counts[members]),
+                cells.counts_of(members),
                 cells.background(members),
                 cells.dispersion,
                 allowed,
@@ -199,76 +156,6 @@ class ResponderMixin:
             evidence.log_odds[members] = target.log_odds
             evidence.effect_genes[label] = target.effect_genes
         return evidence
-
-    def _calibrated_background(
-        self, adata, modality, posterior_means=None
-    ) -> tuple[AnnData, CalibratedBackground]:
-        """Validate ``adata``; return it and its counts beside their calibrated background.
-
-        Shared by the responder calls, the differential expression and the background-removed
-        layer: each compares cells with the expression the model reads as their background.
-        ``posterior_means`` (of :meth:`_posterior_means` on ``adata``) saves an encoding pass.
-        """
-        self._check_if_trained(warn=False)
-        adata = self._validate_anndata(None if adata is None else resolve_modality(adata, modality))
-        manager = self.get_anndata_manager(adata)
-        groups = manager.get_from_registry(GROUP_KEY).ravel()
-        controls = np.flatnonzero(groups == CellGroup.CONTRAST)
-        if len(controls) == 0:
-            raise InvalidValueError(
-                "These data have no contrast controls (half of the control cells), which "
-                "calibrate the background of the responder calls and the differential "
-                "expression. Use data that include the controls of the screen."
-            )
-        counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        if posterior_means is None:
-            posterior_means = self._posterior_means(adata, None)
-        dispersion = self._dispersion()
-        reference = controls
-        if len(controls) > MAX_REFERENCE_CONTROLS:
-            rng = np.random.default_rng(0)
-            reference = np.sort(rng.choice(controls, MAX_REFERENCE_CONTROLS, replace=False))
-        control_counts = dense_counts(counts[reference])
-        control_background = self._background_means(select_cells(posterior_means, reference))
-        offset = mixture.control_offset(control_counts, control_background, dispersion)
-        return adata, CalibratedBackground(
-            counts=counts,
-            posterior_means=posterior_means,
-            decode=self._background_means,
-            offset=offset,
-            dispersion=dispersion,
-            groups=groups,
-            targets=manager.get_from_registry(TARGET_KEY).ravel(),
-            controls=controls,
-            control_counts=control_counts,
-            control_background=control_background * offset.exp(),
-        )
-
-    @torch.inference_mode()
-    def _background_means(self, means) -> torch.Tensor:
-        """Cells' counts decoded at their posterior mean z and s = 0, at their own depth (float64).
-
-        Decoded a minibatch of cells at a time: the decoder's cells x genes temporaries then stay
-        at ``INFERENCE_BATCH_SIZE`` rows (the 20,000 reference controls at once peaked at 1.5 GB
-        above the rest at 2,000 genes).
-        """
-        n_cells = len(means["z"])
-        background = torch.empty((n_cells, self.summary_stats.n_vars), dtype=torch.float64)
-        for start in range(0, n_cells, INFERENCE_BATCH_SIZE):
-            part = select_cells(means, slice(start, start + INFERENCE_BATCH_SIZE))
-            proportions = self.module.expression_proportions(
-                part["z"], torch.zeros_like(part["s"]), part["batch"], part["cat"], part["cont"]
-            ).cpu()
-            library = part["library"].cpu().to(proportions.dtype).reshape(-1, 1)
-            background[start : start + len(proportions)] = proportions * library
-        return background
-
-    def _dispersion(self) -> torch.Tensor:
-        if self.module.likelihood == "poisson":
-            return torch.full_like(
-                self.module.log_inverse_dispersion, mixture.POISSON_DISPERSION, dtype=torch.float64
-            ).cpu()
-        return self.module.log_inverse_dispersion.detach().exp().double().cpu()
 
     def _responder_calls(self, adata: AnnData, probability: np.ndarray, threshold: float):
         """Mixscape-style classes from responder probabilities."""
@@ -403,18 +290,3 @@ class ResponderMixin:
         summary = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
         summary.index.name = by
         return summary
-
-
-def select_cells(
-    posterior_means: dict[str, torch.Tensor], rows: slice | Sequence[int] | np.ndarray
-) -> dict[str, torch.Tensor]:
-    """Return the posterior means (and covariates) of cells ``rows`` (a slice, or positions)."""
-    if not isinstance(rows, slice):
-        rows = torch.as_tensor(rows)
-    return {key: value[rows] for key, value in posterior_means.items()}
-
-
-def dense_counts(counts) -> torch.Tensor:
-    return torch.as_tensor(
-        counts.toarray() if sparse.issparse(counts) else np.asarray(counts), dtype=torch.float64
-    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -101,107 +103,192 @@ def simulate_screen(
     if n_targets + n_programs * program_size > n_genes:
         raise InvalidValueError("n_genes is too small for the targets and programs requested.")
     rng = np.random.default_rng(seed)
-    targets = [f"T{i:02d}" for i in range(n_targets)]
-    gene_names = targets + [f"gene_{i:04d}" for i in range(n_targets, n_genes)]
+    targets = _draw_targets(rng, n_targets, n_null_targets, n_programs, escape_fraction)
+    programs = _draw_programs(rng, n_genes, n_targets, n_programs, program_size, effect_size)
+    cells = _draw_cells(rng, targets, n_cells, control_fraction, n_batches, n_subclones)
+    log_rate = _background_log_rate(rng, cells, n_genes, n_batches, n_subclones)
+    background_log_rate = log_rate.copy() if true_background else None
+    _add_perturbation_effects(log_rate, cells, targets, programs.lfc, knockdown_lfc)
+    counts = _draw_counts(rng, log_rate, cells.batch, n_batches, mean_library_size)
+    adata = _screen_anndata(counts, cells, targets, programs.genes, n_genes)
+    adata.uns["simulation"] = {
+        "seed": seed,
+        "control_label": CONTROL_LABEL,
+        "target_program": targets.program,
+        "program_lfc": programs.lfc,
+        "escape_fraction": escape_fraction,
+        "effect_size": effect_size,
+    }
+    if true_background:
+        adata.layers["true_background"] = _proportions(background_log_rate).astype(np.float32)
+    return adata
 
-    # Perturbation design: which target drives which program, how strongly, how often it escapes.
-    effect_targets = targets[n_null_targets:]
-    target_program = {t: "none" for t in targets[:n_null_targets]}
-    target_program.update({t: f"P{i % n_programs}" for i, t in enumerate(effect_targets)})
-    target_strength = {t: rng.uniform(0.7, 1.3) for t in targets}
-    target_escape = {t: np.clip(rng.normal(escape_fraction, 0.1), 0.0, 0.9) for t in targets}
 
+@dataclass(frozen=True)
+class _Targets:
+    """The perturbation design: each target's program, effect strength and escape rate."""
+
+    names: list[str]
+    program: dict[str, str]
+    """Program each target drives; ``"none"`` for the null targets."""
+    strength: dict[str, float]
+    escape: dict[str, float]
+
+
+def _draw_targets(rng, n_targets, n_null_targets, n_programs, escape_fraction) -> _Targets:
+    """Assign the effect-bearing targets to the programs in turn; draw strengths and escape."""
+    names = [f"T{i:02d}" for i in range(n_targets)]
+    program = {t: "none" for t in names[:n_null_targets]}
+    program.update({t: f"P{i % n_programs}" for i, t in enumerate(names[n_null_targets:])})
+    strength = {t: rng.uniform(0.7, 1.3) for t in names}
+    escape = {t: np.clip(rng.normal(escape_fraction, 0.1), 0.0, 0.9) for t in names}
+    return _Targets(names=names, program=program, strength=strength, escape=escape)
+
+
+@dataclass(frozen=True)
+class _Programs:
+    """The perturbation programs: gene sets shifted together by the targets that drive them."""
+
+    genes: np.ndarray
+    """``(n_programs, program_size)``: the genes of each program, never a targeted gene."""
+    lfc: np.ndarray
+    """``(n_programs, n_genes)``: each program's log fold change of each gene."""
+
+
+def _draw_programs(rng, n_genes, n_targets, n_programs, program_size, effect_size) -> _Programs:
+    """Draw each program's genes and the signs and sizes of their log fold changes."""
     non_target_genes = np.arange(n_targets, n_genes)
-    program_genes = rng.choice(non_target_genes, size=(n_programs, program_size), replace=False)
-    program_lfc = np.zeros((n_programs, n_genes))
+    genes = rng.choice(non_target_genes, size=(n_programs, program_size), replace=False)
+    lfc = np.zeros((n_programs, n_genes))
     for p in range(n_programs):
         magnitudes = np.abs(rng.normal(effect_size, 0.25 * effect_size, program_size))
-        program_lfc[p, program_genes[p]] = magnitudes * rng.choice([-1, 1], program_size)
+        lfc[p, genes[p]] = magnitudes * rng.choice([-1, 1], program_size)
+    return _Programs(genes=genes, lfc=lfc)
 
-    # Cells: guides, batches, background states.
+
+@dataclass(frozen=True)
+class _Cells:
+    """Each cell's guide and background state (arrays over cells)."""
+
+    is_control: np.ndarray
+    perturbation: np.ndarray
+    batch: np.ndarray
+    subclone: np.ndarray
+    angle: np.ndarray
+    """Cell-cycle phase angle (radians)."""
+    stress: np.ndarray
+    escaped: np.ndarray
+
+    @property
+    def responds(self) -> np.ndarray:
+        return ~self.is_control & ~self.escaped
+
+
+def _draw_cells(rng, targets, n_cells, control_fraction, n_batches, n_subclones) -> _Cells:
+    """Draw each cell's guide, batch and background state, and whether it escapes."""
     is_control = rng.random(n_cells) < control_fraction
-    perturbation = np.where(is_control, CONTROL_LABEL, rng.choice(targets, n_cells))
+    perturbation = np.where(is_control, CONTROL_LABEL, rng.choice(targets.names, n_cells))
     batch = rng.integers(n_batches, size=n_cells)
     subclone = rng.choice(n_subclones, size=n_cells, p=rng.dirichlet(np.full(n_subclones, 5.0)))
     angle = rng.uniform(0, 2 * np.pi, n_cells)
     stress = rng.beta(2, 5, n_cells)
-    escape_probability = np.array([target_escape.get(p, 0.0) for p in perturbation])
+    escape_probability = np.array([targets.escape.get(p, 0.0) for p in perturbation])
     escaped = ~is_control & (rng.random(n_cells) < escape_probability)
-    responds = ~is_control & ~escaped
+    return _Cells(
+        is_control=is_control,
+        perturbation=perturbation,
+        batch=batch,
+        subclone=subclone,
+        angle=angle,
+        stress=stress,
+        escaped=escaped,
+    )
 
-    # Log expression rates: baseline + background + perturbation.
+
+def _background_log_rate(rng, cells, n_genes, n_batches, n_subclones) -> np.ndarray:
+    """Draw log expression rates without the perturbations.
+
+    Baseline, two cell-cycle programs, subclones, a stress state and batch effects.
+    """
+    n_cells = len(cells.angle)
     log_rate = np.tile(rng.normal(0.0, 1.2, n_genes), (n_cells, 1))
     s_phase = _sparse_loadings(rng, n_genes, 0.08, 1.5, positive=True)
     g2m_phase = _sparse_loadings(rng, n_genes, 0.08, 1.5, positive=True)
-    log_rate += np.outer(np.maximum(np.cos(angle), 0), s_phase)
-    log_rate += np.outer(np.maximum(np.sin(angle), 0), g2m_phase)
+    log_rate += np.outer(np.maximum(np.cos(cells.angle), 0), s_phase)
+    log_rate += np.outer(np.maximum(np.sin(cells.angle), 0), g2m_phase)
     subclone_loadings = np.stack(
         [_sparse_loadings(rng, n_genes, 0.10, 1.0) for _ in range(n_subclones)]
     )
-    log_rate += subclone_loadings[subclone]
-    log_rate += np.outer(stress, _sparse_loadings(rng, n_genes, 0.06, 2.5, positive=True))
-    log_rate += rng.normal(0, 0.25, (n_batches, n_genes))[batch]
+    log_rate += subclone_loadings[cells.subclone]
+    log_rate += np.outer(cells.stress, _sparse_loadings(rng, n_genes, 0.06, 2.5, positive=True))
+    log_rate += rng.normal(0, 0.25, (n_batches, n_genes))[cells.batch]
+    return log_rate
 
-    background_log_rate = log_rate.copy() if true_background else None
-    target_index = {t: i for i, t in enumerate(targets)}
-    for cell in np.flatnonzero(responds):
-        target = perturbation[cell]
+
+def _add_perturbation_effects(log_rate, cells, targets, program_lfc, knockdown_lfc) -> None:
+    """Knock down each responding cell's target gene and shift its target's program, in place."""
+    target_index = {t: i for i, t in enumerate(targets.names)}
+    for cell in np.flatnonzero(cells.responds):
+        target = cells.perturbation[cell]
         log_rate[cell, target_index[target]] += knockdown_lfc
-        program = target_program[target]
+        program = targets.program[target]
         if program != "none":
-            log_rate[cell] += target_strength[target] * program_lfc[int(program[1:])]
+            log_rate[cell] += targets.strength[target] * program_lfc[int(program[1:])]
 
-    proportions = np.exp(log_rate - log_rate.max(axis=1, keepdims=True))
-    proportions /= proportions.sum(axis=1, keepdims=True)
+
+def _proportions(log_rate: np.ndarray) -> np.ndarray:
+    """Each cell's expected gene proportions from its log rates (rows sum to 1)."""
+    rates = np.exp(log_rate - log_rate.max(axis=1, keepdims=True))
+    return rates / rates.sum(axis=1, keepdims=True)
+
+
+def _draw_counts(rng, log_rate, batch, n_batches, mean_library_size) -> np.ndarray:
+    """Draw negative-binomial counts at library sizes that differ by batch."""
     batch_depth = rng.normal(0, 0.3, n_batches)
     library = np.exp(rng.normal(np.log(mean_library_size) + batch_depth[batch], 0.35))
-    mean = proportions * library[:, None]
-    dispersion = np.exp(rng.normal(np.log(5.0), 0.5, n_genes))
+    mean = _proportions(log_rate) * library[:, None]
+    dispersion = np.exp(rng.normal(np.log(5.0), 0.5, log_rate.shape[1]))
     counts = rng.poisson(rng.gamma(dispersion, mean / dispersion))
     # Cells with no counts cannot be modelled; give them one UMI in their most expressed gene.
     empty = counts.sum(axis=1) == 0
     counts[empty, mean[empty].argmax(axis=1)] = 1
+    return counts
 
-    phase = np.select([np.cos(angle) > 0.5, np.sin(angle) > 0.5], ["S", "G2M"], default="G1")
+
+def _screen_anndata(counts, cells, targets, program_genes, n_genes) -> ad.AnnData:
+    """Return the counts with the truth in ``obs`` and ``var`` (``uns`` is the caller's)."""
+    n_cells, n_targets = len(counts), len(targets.names)
+    phase = np.select(
+        [np.cos(cells.angle) > 0.5, np.sin(cells.angle) > 0.5], ["S", "G2M"], default="G1"
+    )
     program_of_cell = np.array(
-        ["none" if is_control[c] else target_program[perturbation[c]] for c in range(n_cells)]
+        [
+            "none" if cells.is_control[c] else targets.program[cells.perturbation[c]]
+            for c in range(n_cells)
+        ]
     )
     obs = pd.DataFrame(
         {
-            "perturbation": pd.Categorical(perturbation),
-            "batch": pd.Categorical([f"batch{b}" for b in batch]),
-            "subclone": pd.Categorical([f"clone{c}" for c in subclone]),
-            "cell_cycle_angle": angle,
+            "perturbation": pd.Categorical(cells.perturbation),
+            "batch": pd.Categorical([f"batch{b}" for b in cells.batch]),
+            "subclone": pd.Categorical([f"clone{c}" for c in cells.subclone]),
+            "cell_cycle_angle": cells.angle,
             "cell_cycle_phase": pd.Categorical(phase),
-            "stress": stress,
+            "stress": cells.stress,
             "program": pd.Categorical(program_of_cell),
-            "escaped": escaped,
-            "responder": responds & (program_of_cell != "none"),
+            "escaped": cells.escaped,
+            "responder": cells.responds & (program_of_cell != "none"),
         },
         index=[f"cell_{i:05d}" for i in range(n_cells)],
     )
     gene_program = np.full(n_genes, "none", dtype=object)
-    for p in range(n_programs):
-        gene_program[program_genes[p]] = f"P{p}"
+    for p, genes in enumerate(program_genes):
+        gene_program[genes] = f"P{p}"
     var = pd.DataFrame(
         {
             "program": pd.Categorical(gene_program),
             "is_target_gene": np.arange(n_genes) < n_targets,
         },
-        index=gene_names,
+        index=targets.names + [f"gene_{i:04d}" for i in range(n_targets, n_genes)],
     )
-    adata = ad.AnnData(X=sp.csr_matrix(counts.astype(np.int32)), obs=obs, var=var)
-    adata.uns["simulation"] = {
-        "seed": seed,
-        "control_label": CONTROL_LABEL,
-        "target_program": target_program,
-        "program_lfc": program_lfc,
-        "escape_fraction": escape_fraction,
-        "effect_size": effect_size,
-    }
-    if true_background:
-        background = np.exp(background_log_rate - background_log_rate.max(axis=1, keepdims=True))
-        adata.layers["true_background"] = (background / background.sum(1, keepdims=True)).astype(
-            np.float32
-        )
-    return adata
+    return ad.AnnData(X=sp.csr_matrix(counts.astype(np.int32)), obs=obs, var=var)

@@ -20,6 +20,7 @@ from anndata import AnnData
 from mudata import MuData
 
 from .._data import InvalidTypeError, InvalidValueError, MissingKeyError, resolve_modality
+from .._figures import finish_figure
 from .._responders import CONTROL_CLASS
 
 if TYPE_CHECKING:
@@ -37,20 +38,8 @@ _HORIZONTAL = (
 )
 
 
-def finish_figure(figure: Figure, *, return_fig: bool, save: str | Path | None) -> Figure | None:
-    """Save the figure if asked, then return it or show it (pertpy's convention)."""
-    import matplotlib.pyplot as plt
-
-    if save is not None:
-        figure.savefig(save, bbox_inches="tight")
-    if return_fig:
-        return figure
-    plt.show()
-    return None
-
-
-def _missing_outputs(what: str, prefix: str) -> KeyError:
-    return KeyError(
+def _missing_outputs(what: str, prefix: str) -> MissingKeyError:
+    return MissingKeyError(
         f"{what} is missing. Run model.write_outputs(adata) first, or pass the prefix= the "
         f"outputs were written with (here prefix={prefix!r})."
     )
@@ -200,8 +189,6 @@ def latents(
         model.write_outputs()
         pc.pl.latents(adata, color=["perturbation", "batch"], basis="pca")
     """
-    import matplotlib.pyplot as plt
-
     adata = resolve_modality(adata, modality)
     columns = [color] if isinstance(color, str) else list(color)
     if not columns:
@@ -210,10 +197,32 @@ def latents(
         )
     if basis not in ("umap", "pca"):
         raise InvalidValueError(f"basis must be 'umap' or 'pca', got {basis!r}.")
+    keys = _latent_keys(adata, prefix)
+    colourings = _colourings(adata, columns, groups)
+    coordinates = {
+        kind: _embed(adata.obsm[key], basis, n_neighbors, random_state)
+        for kind, key in keys.items()
+    }
+    if size is None:
+        size = min(20.0, 30_000 / max(adata.n_obs, 1))
+    order = np.random.default_rng(random_state).permutation(adata.n_obs)
+    figure = _latent_panels(columns, colourings, coordinates, order, size, figsize)
+    return finish_figure(figure, return_fig=return_fig, save=save)
+
+
+def _latent_keys(adata: AnnData, prefix: str) -> dict[str, str]:
+    """Return the obsm key of each latent, checked to be in ``adata``."""
     keys = {kind: f"X_{prefix}_{kind}" for kind in _LATENTS}
     for key in keys.values():
         if key not in adata.obsm:
             raise _missing_outputs(f"obsm[{key!r}]", prefix)
+    return keys
+
+
+def _colourings(
+    adata: AnnData, columns: list[str], groups: str | Sequence[str] | None
+) -> dict[str, dict]:
+    """How to colour the cells by each column, once the columns and ``groups`` are checked."""
     absent = [column for column in columns if column not in adata.obs]
     if absent:
         raise MissingKeyError(
@@ -234,13 +243,12 @@ def latents(
                 f"groups {sorted(wanted - found)} are not categories of the categorical colour "
                 f"columns {columns}."
             )
-    coordinates = {
-        kind: _embed(adata.obsm[key], basis, n_neighbors, random_state)
-        for kind, key in keys.items()
-    }
-    if size is None:
-        size = min(20.0, 30_000 / max(adata.n_obs, 1))
-    order = np.random.default_rng(random_state).permutation(adata.n_obs)
+    return colourings
+
+
+def _latent_panels(columns, colourings, coordinates, order, size, figsize) -> Figure:
+    """Draw one row per colour column: the salient latent, then the background latent."""
+    import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(
         len(columns),
@@ -253,54 +261,66 @@ def latents(
         colouring = colourings[column]
         for axis, kind in zip(axes[row], _LATENTS, strict=True):
             points, stem = coordinates[kind]
+            # The colour bar or legend goes beside the last panel of the row only.
+            key_title = column if kind == _LATENTS[-1] else None
             if colouring["kind"] == "numeric":
-                values = colouring["values"]
-                finite = np.isfinite(values)
-                cmap = mpl.colormaps["viridis"].with_extremes(bad=_GREY)
-                drawn = order[np.argsort(finite[order], kind="stable")]
-                scatter = axis.scatter(
-                    points[drawn, 0],
-                    points[drawn, 1],
-                    c=values[drawn],
-                    cmap=cmap,
-                    vmin=np.nanmin(values) if finite.any() else None,
-                    vmax=np.nanmax(values) if finite.any() else None,
-                    s=size,
-                    linewidths=0,
-                    plotnonfinite=True,
-                )
-                if kind == _LATENTS[-1]:
-                    figure.colorbar(scatter, ax=axis, label=column, shrink=0.8)
+                _scatter_numeric(axis, points, colouring["values"], order, size, key_title)
             else:
-                # Grey cells first, under the coloured ones; otherwise a random order.
-                drawn = order[np.argsort(~colouring["grey"][order], kind="stable")]
-                axis.scatter(
-                    points[drawn, 0],
-                    points[drawn, 1],
-                    c=colouring["rgba"][drawn],
-                    s=size,
-                    linewidths=0,
-                )
-                if kind == _LATENTS[-1]:
-                    handles = [
-                        mpl.lines.Line2D([], [], marker="o", linestyle="", color=colour, label=name)
-                        for name, colour in colouring["legend"]
-                    ]
-                    axis.legend(
-                        handles=handles,
-                        title=column,
-                        loc="center left",
-                        bbox_to_anchor=(1.02, 0.5),
-                        frameon=False,
-                        fontsize="small",
-                        ncols=1 + len(handles) // 16,
-                    )
+                _scatter_categorical(axis, points, colouring, order, size, key_title)
             axis.set_title(f"{kind} latent: {column}")
             axis.set_xlabel(f"{stem}1")
             axis.set_ylabel(f"{stem}2")
             axis.set_xticks([])
             axis.set_yticks([])
-    return finish_figure(figure, return_fig=return_fig, save=save)
+    return figure
+
+
+def _scatter_numeric(axis, points, values, order, size, colour_bar_label: str | None) -> None:
+    """Cells coloured by a numeric column, missing values grey and drawn first."""
+    finite = np.isfinite(values)
+    cmap = mpl.colormaps["viridis"].with_extremes(bad=_GREY)
+    drawn = order[np.argsort(finite[order], kind="stable")]
+    scatter = axis.scatter(
+        points[drawn, 0],
+        points[drawn, 1],
+        c=values[drawn],
+        cmap=cmap,
+        vmin=np.nanmin(values) if finite.any() else None,
+        vmax=np.nanmax(values) if finite.any() else None,
+        s=size,
+        linewidths=0,
+        plotnonfinite=True,
+    )
+    if colour_bar_label is not None:
+        axis.figure.colorbar(scatter, ax=axis, label=colour_bar_label, shrink=0.8)
+
+
+def _scatter_categorical(axis, points, colouring, order, size, legend_title: str | None) -> None:
+    """Cells coloured by a categorical column (see :func:`_colour_column`)."""
+    # Grey cells first, under the coloured ones; otherwise a random order.
+    drawn = order[np.argsort(~colouring["grey"][order], kind="stable")]
+    axis.scatter(
+        points[drawn, 0],
+        points[drawn, 1],
+        c=colouring["rgba"][drawn],
+        s=size,
+        linewidths=0,
+    )
+    if legend_title is None:
+        return
+    handles = [
+        mpl.lines.Line2D([], [], marker="o", linestyle="", color=colour, label=name)
+        for name, colour in colouring["legend"]
+    ]
+    axis.legend(
+        handles=handles,
+        title=legend_title,
+        loc="center left",
+        bbox_to_anchor=(1.02, 0.5),
+        frameon=False,
+        fontsize="small",
+        ncols=1 + len(handles) // 16,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,13 +453,28 @@ def perturbation_ranking(
         raise InvalidValueError(
             "The table has no tested group besides the contrast; nothing to plot."
         )
-    adjusted = tested["pvalue_adj"].to_numpy(dtype=float)
-    significant = np.nan_to_num(adjusted, nan=1.0) < alpha
-    colours = np.where(significant, _SIGNIFICANT, _NOT_SIGNIFICANT)
-
     figure, axis = plt.subplots(
         figsize=figsize or (5.0, 1.2 + 0.3 * len(tested)), layout="constrained"
     )
+    _significance_bars(axis, tested, alpha)
+    axis.set_xlabel(f"distance to {contrast}" if contrast is not None else "distance")
+    axis.set_title("Targets ranked by effect")
+    axis.legend(
+        handles=[
+            mpl.patches.Patch(color=_SIGNIFICANT, label=f"adjusted p < {alpha:g}"),
+            mpl.patches.Patch(color=_NOT_SIGNIFICANT, label=f"adjusted p ≥ {alpha:g}"),
+        ],
+        loc="lower right",
+        fontsize="small",
+    )
+    return finish_figure(figure, return_fig=return_fig, save=save)
+
+
+def _significance_bars(axis, tested: pd.DataFrame, alpha: float) -> None:
+    """One bar per row of ``tested``, top down, red if significant, its adjusted p-value beside."""
+    adjusted = tested["pvalue_adj"].to_numpy(dtype=float)
+    significant = np.nan_to_num(adjusted, nan=1.0) < alpha
+    colours = np.where(significant, _SIGNIFICANT, _NOT_SIGNIFICANT)
     positions = np.arange(len(tested))
     distances = tested["distance"].to_numpy(dtype=float)
     axis.barh(positions, distances, color=colours, height=0.7)
@@ -457,17 +492,6 @@ def perturbation_ranking(
     axis.invert_yaxis()
     axis.axvline(0, color="black", linewidth=0.8)
     axis.margins(x=0.15)
-    axis.set_xlabel(f"distance to {contrast}" if contrast is not None else "distance")
-    axis.set_title("Targets ranked by effect")
-    axis.legend(
-        handles=[
-            mpl.patches.Patch(color=_SIGNIFICANT, label=f"adjusted p < {alpha:g}"),
-            mpl.patches.Patch(color=_NOT_SIGNIFICANT, label=f"adjusted p ≥ {alpha:g}"),
-        ],
-        loc="lower right",
-        fontsize="small",
-    )
-    return finish_figure(figure, return_fig=return_fig, save=save)
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,6 +585,27 @@ def responder_probabilities(
         )
     labels = adata.obs[perturbation_key].astype("string")
     probability = pd.to_numeric(adata.obs[key], errors="coerce")
+    is_control, controls = _controls(adata, labels, control, prefix, perturbation_key)
+    groups = _probability_groups(labels, probability, is_control, controls, key)
+    figure, axis = plt.subplots(
+        figsize=figsize or (5.5, 1.3 + 0.35 * len(groups)), layout="constrained"
+    )
+    _probability_boxes(axis, groups, show_points, max_points, random_state)
+    axis.axvline(threshold, color="black", linestyle="--", linewidth=1)
+    axis.set_xlabel("P(perturbed)")
+    axis.set_ylabel(perturbation_key)
+    axis.set_title(f"Responder probability (KO above {threshold:g})")
+    return finish_figure(figure, return_fig=return_fig, save=save)
+
+
+def _controls(
+    adata: AnnData,
+    labels: pd.Series,
+    control: str | Sequence[str] | None,
+    prefix: str,
+    perturbation_key: str,
+) -> tuple[np.ndarray, list[str]]:
+    """Which cells are controls, and their labels: ``control``, or the cells classed NT."""
     if control is None:
         class_key = f"{prefix}_class_global"
         if class_key not in adata.obs:
@@ -570,16 +615,28 @@ def responder_probabilities(
             )
         classes = adata.obs[class_key].astype("string")
         is_control = (classes == CONTROL_CLASS).fillna(False).to_numpy(dtype=bool)
-        controls = sorted(labels[is_control].dropna().unique())
-    else:
-        controls = [control] if isinstance(control, str) else list(control)
-        unknown = [label for label in controls if not (labels == label).any()]
-        if unknown:
-            raise InvalidValueError(
-                f"control {unknown} is not a label of obs[{perturbation_key!r}], whose labels "
-                f"are e.g. {list(labels.dropna().unique()[:8])}."
-            )
-        is_control = labels.isin(controls).fillna(False).to_numpy(dtype=bool)
+        return is_control, sorted(labels[is_control].dropna().unique())
+    controls = [control] if isinstance(control, str) else list(control)
+    unknown = [label for label in controls if not (labels == label).any()]
+    if unknown:
+        raise InvalidValueError(
+            f"control {unknown} is not a label of obs[{perturbation_key!r}], whose labels "
+            f"are e.g. {list(labels.dropna().unique()[:8])}."
+        )
+    return labels.isin(controls).fillna(False).to_numpy(dtype=bool), controls
+
+
+def _probability_groups(
+    labels: pd.Series,
+    probability: pd.Series,
+    is_control: np.ndarray,
+    controls: list[str],
+    key: str,
+) -> list[tuple[str, np.ndarray, str]]:
+    """Return each box's name, probabilities and colour: targets by mean, then the controls.
+
+    The highest mean comes first; cells without a label or a probability are left out.
+    """
     keep = labels.notna().to_numpy() & probability.notna().to_numpy()
     if not (keep & ~is_control).any():
         raise InvalidValueError(
@@ -589,15 +646,17 @@ def responder_probabilities(
     is_target = keep & ~is_control
     by_target = probability[is_target].groupby(labels[is_target].to_numpy(dtype=str))
     order = by_target.mean().sort_values(ascending=False, kind="stable").index
-    groups = [(target, by_target.get_group(target)) for target in order]
+    groups = [(target, by_target.get_group(target).to_numpy(dtype=float), "C0") for target in order]
     if (keep & is_control).any():
-        groups.append((", ".join(controls), probability[keep & is_control]))
-    values = [group.to_numpy(dtype=float) for _, group in groups]
-    colours = ["C0"] * len(order) + [_GREY] * (len(groups) - len(order))
+        in_controls = probability[keep & is_control].to_numpy(dtype=float)
+        groups.append((", ".join(controls), in_controls, _GREY))
+    return groups
 
-    figure, axis = plt.subplots(
-        figsize=figsize or (5.5, 1.3 + 0.35 * len(groups)), layout="constrained"
-    )
+
+def _probability_boxes(axis, groups, show_points, max_points, random_state) -> None:
+    """Draw a horizontal box per group, top down, with a sample of its cells as jittered points."""
+    values = [value for _, value, _ in groups]
+    colours = [colour for _, _, colour in groups]
     positions = np.arange(len(groups))
     boxes = axis.boxplot(
         values,
@@ -626,14 +685,9 @@ def responder_probabilities(
                 linewidths=0,
                 zorder=3,
             )
-    axis.axvline(threshold, color="black", linestyle="--", linewidth=1)
-    axis.set_yticks(positions, [name for name, _ in groups])
+    axis.set_yticks(positions, [name for name, _, _ in groups])
     axis.invert_yaxis()
     axis.set_xlim(-0.03, 1.03)
-    axis.set_xlabel("P(perturbed)")
-    axis.set_ylabel(perturbation_key)
-    axis.set_title(f"Responder probability (KO above {threshold:g})")
-    return finish_figure(figure, return_fig=return_fig, save=save)
 
 
 # --------------------------------------------------------------------------------------------
@@ -719,6 +773,26 @@ def training_history(
             "Expected a trained model or its history (a dict of DataFrames indexed by epoch), "
             f"got {type(model_or_history).__name__}."
         )
+    terms = _history_terms(history, skip_epochs)
+    ncols = max(1, min(ncols, len(terms)))
+    nrows = -(-len(terms) // ncols)
+    figure, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=figsize or (3.6 * ncols, 2.8 * nrows),
+        squeeze=False,
+        layout="constrained",
+    )
+    flat = axes.ravel()
+    for axis, (term, splits) in zip(flat, terms.items(), strict=False):
+        _plot_term(axis, term, splits)
+    for axis in flat[len(terms) :]:
+        axis.remove()
+    return finish_figure(figure, return_fig=return_fig, save=save)
+
+
+def _history_terms(history: Mapping, skip_epochs: int) -> dict[str, dict[str | None, pd.Series]]:
+    """Return the finite values of each term from ``skip_epochs`` on, by split (``None``: none)."""
     terms: dict[str, dict[str | None, pd.Series]] = {}
     for key, frame in history.items():
         series = frame.iloc[:, 0] if isinstance(frame, pd.DataFrame) and frame.shape[1] else frame
@@ -738,35 +812,26 @@ def training_history(
             + (f" from epoch {skip_epochs} on" if skip_epochs else "")
             + f"; its keys are {list(history)}."
         )
-    ncols = max(1, min(ncols, len(terms)))
-    nrows = -(-len(terms) // ncols)
-    figure, axes = plt.subplots(
-        nrows,
-        ncols,
-        figsize=figsize or (3.6 * ncols, 2.8 * nrows),
-        squeeze=False,
-        layout="constrained",
-    )
-    flat = axes.ravel()
-    for axis, (term, splits) in zip(flat, terms.items(), strict=False):
-        for split in (*_SPLITS, None):
-            if split in splits:
-                series = splits[split]
-                axis.plot(
-                    series.index.to_numpy(),
-                    series.to_numpy(),
-                    label=split or term,
-                    color={"train": "C0", "validation": "C1"}.get(split, "C2"),
-                )
-        if term == _MONITORED_TERM and "validation" in splits:
-            # What early stopping watches: mark its best epoch.
-            validation = splits["validation"]
-            best = validation.idxmin()
-            axis.plot(best, validation[best], "o", color="C3", label="lowest (early stopping)")
-        axis.set_title(term)
-        axis.set_xlabel("epoch")
-        if len(axis.lines) > 1 or None not in splits:
-            axis.legend(fontsize="small")
-    for axis in flat[len(terms) :]:
-        axis.remove()
-    return finish_figure(figure, return_fig=return_fig, save=save)
+    return terms
+
+
+def _plot_term(axis, term: str, splits: dict[str | None, pd.Series]) -> None:
+    """One term's panel: its training and validation curves (or its one curve)."""
+    for split in (*_SPLITS, None):
+        if split in splits:
+            series = splits[split]
+            axis.plot(
+                series.index.to_numpy(),
+                series.to_numpy(),
+                label=split or term,
+                color={"train": "C0", "validation": "C1"}.get(split, "C2"),
+            )
+    if term == _MONITORED_TERM and "validation" in splits:
+        # What early stopping watches: mark its best epoch.
+        validation = splits["validation"]
+        best = validation.idxmin()
+        axis.plot(best, validation[best], "o", color="C3", label="lowest (early stopping)")
+    axis.set_title(term)
+    axis.set_xlabel("epoch")
+    if len(axis.lines) > 1 or None not in splits:
+        axis.legend(fontsize="small")

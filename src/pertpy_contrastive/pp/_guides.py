@@ -124,43 +124,80 @@ def perturbation_labels(
     """
     if multiple not in ("exclude", "combine"):
         raise InvalidValueError(f"multiple must be 'exclude' or 'combine', got {multiple!r}.")
-    if isinstance(data, MuData):
-        for name in (guide_modality, rna_modality):
-            if name not in data.mod:
-                raise MissingKeyError(
-                    f"The MuData has no modality {name!r}; its modalities are {list(data.mod)}."
-                )
-        guides, destination = data.mod[guide_modality], data.mod[rna_modality]
-        if not guides.obs_names.equals(destination.obs_names):
-            raise InvalidValueError(
-                f"Modalities {guide_modality!r} and {rna_modality!r} have different cells. "
-                "Subset both to the same cells (e.g. mu.pp.intersect_obs(mdata))."
+    guides, destination = _guide_and_rna_data(data, guide_modality, rna_modality)
+    if not overwrite:
+        _check_free_columns(destination, (key_added, guide_key_added))
+    guide_to_target = _guide_targets(guides, target_key, guide_to_target)
+    guide_sets = _guide_sets(guides, assignment, set(unassigned), multiple_label, separator)
+    labels, outcomes = _label_cells(guide_sets, guide_to_target, control, multiple, separator)
+    series = pd.Series(pd.Categorical(labels), index=destination.obs_names, name=key_added)
+    destination.obs[key_added] = series
+    if guide_key_added is not None:
+        destination.obs[guide_key_added] = pd.Categorical(
+            [
+                separator.join(sorted(guide_set)) if label is not None else None
+                for guide_set, label in zip(guide_sets, labels, strict=True)
+            ]
+        )
+    logger.info(
+        "Perturbation labels in obs[%r]: %s.",
+        key_added,
+        ", ".join(f"{n} {outcome}" for outcome, n in outcomes.items()),
+    )
+    return series
+
+
+def _guide_and_rna_data(data: MuData | AnnData, guide_modality: str, rna_modality: str):
+    """Return the guide data, and the data whose obs gets the labels (the same for an AnnData)."""
+    if not isinstance(data, MuData):
+        return data, data
+    for name in (guide_modality, rna_modality):
+        if name not in data.mod:
+            raise MissingKeyError(
+                f"The MuData has no modality {name!r}; its modalities are {list(data.mod)}."
             )
-    else:
-        guides = destination = data
-    for key in (key_added, guide_key_added):
-        if key is not None and key in destination.obs and not overwrite:
+    guides, destination = data.mod[guide_modality], data.mod[rna_modality]
+    if not guides.obs_names.equals(destination.obs_names):
+        raise InvalidValueError(
+            f"Modalities {guide_modality!r} and {rna_modality!r} have different cells. "
+            "Subset both to the same cells (e.g. mu.pp.intersect_obs(mdata))."
+        )
+    return guides, destination
+
+
+def _check_free_columns(destination: AnnData, keys) -> None:
+    """Refuse obs columns that exist already."""
+    for key in keys:
+        if key is not None and key in destination.obs:
             raise MissingKeyError(
                 f"obs[{key!r}] already exists. Pass overwrite=True to replace it, or choose "
                 "another key_added / guide_key_added."
             )
 
-    if guide_to_target is None:
-        if target_key not in guides.var:
-            raise MissingKeyError(
-                f"var[{target_key!r}] not found in the guide data (var columns: "
-                f"{list(guides.var.columns)}). Pass target_key=<column> or guide_to_target={{...}}."
-            )
-        guide_to_target = guides.var[target_key].astype(str).to_dict()
-    guide_sets = _guide_sets(guides, assignment, set(unassigned), multiple_label, separator)
+
+def _guide_targets(
+    guides: AnnData, target_key: str | None, guide_to_target: Mapping[str, str] | None
+) -> Mapping[str, str]:
+    """Return each guide's target: ``guide_to_target``, or ``var[target_key]`` of the guides."""
+    if guide_to_target is not None:
+        return guide_to_target
+    if target_key not in guides.var:
+        raise MissingKeyError(
+            f"var[{target_key!r}] not found in the guide data (var columns: "
+            f"{list(guides.var.columns)}). Pass target_key=<column> or guide_to_target={{...}}."
+        )
+    return guides.var[target_key].astype(str).to_dict()
+
+
+def _label_cells(guide_sets, guide_to_target, control, multiple, separator):
+    """Return each cell's label (``None``: excluded) and the number of cells of each outcome."""
     unknown = sorted({g for s in guide_sets if s for g in s} - set(guide_to_target))
     if unknown:
         raise MissingKeyError(
             f"Guides {unknown[:5]} have no target in the guide mapping. Add them to "
             "guide_to_target or to var[target_key]."
         )
-
-    labels, cell_guides = [], []
+    labels = []
     outcomes = {
         "control": 0,
         "single target": 0,
@@ -169,7 +206,6 @@ def perturbation_labels(
         "no guide (excluded)": 0,
     }
     for guide_set in guide_sets:
-        cell_guides.append(separator.join(sorted(guide_set)) if guide_set else None)
         if guide_set is None:
             labels.append(None)
             outcomes["several (excluded)"] += 1
@@ -191,16 +227,4 @@ def perturbation_labels(
         else:
             labels.append(None)
             outcomes["several (excluded)"] += 1
-    series = pd.Series(pd.Categorical(labels), index=destination.obs_names, name=key_added)
-    destination.obs[key_added] = series
-    if guide_key_added is not None:
-        guides_of_labelled = [
-            g if label is not None else None for g, label in zip(cell_guides, labels, strict=True)
-        ]
-        destination.obs[guide_key_added] = pd.Categorical(guides_of_labelled)
-    logger.info(
-        "Perturbation labels in obs[%r]: %s.",
-        key_added,
-        ", ".join(f"{n} {outcome}" for outcome, n in outcomes.items()),
-    )
-    return series
+    return labels, outcomes

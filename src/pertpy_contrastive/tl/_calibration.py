@@ -19,8 +19,8 @@ from scipy import stats
 
 from .._constants import DE_FDR_TARGET
 from .._data import InvalidValueError, MissingKeyError, as_label_list
+from .._figures import finish_figure
 from .._model import ContrastiveVAE
-from ..pl._plots import finish_figure
 
 PSEUDO_PREFIX = "pseudo:"
 
@@ -173,7 +173,13 @@ def calibration_check(
     )
     model = ContrastiveVAE(data, **(model_kwargs or {}))
     model.train(**{"enable_progress_bar": False, **(train_kwargs or {})})
+    return _check_pseudo_targets(model, perturbation_key, pseudo_labels, batch_key, levels, n_perms)
 
+
+def _check_pseudo_targets(
+    model, perturbation_key, pseudo_labels, batch_key, levels, n_perms
+) -> CalibrationCheck:
+    """Count what the trained ``model``'s tests and calls find in the pseudo-targets."""
     distance_tests = {DISTANCE_TEST: model.distance_test(n_perms=n_perms)}
     if batch_key is not None:
         distance_tests[DISTANCE_TEST_WITHIN_BATCHES] = model.distance_test(
@@ -183,13 +189,14 @@ def calibration_check(
     every_cell = model.differential_expression(group1=pseudo_labels, responders_only=False)
     responders_de = model.differential_expression(group1=pseudo_labels, probability=probability)
     p_values = _pseudo_target_p_values(distance_tests, every_cell, pseudo_labels)
-    in_pseudo = data.obs[perturbation_key].isin(pseudo_labels).to_numpy()
-    pseudo_probability = pd.Series(probability[in_pseudo], index=data.obs_names[in_pseudo])
+    obs = model.adata.obs
+    in_pseudo = obs[perturbation_key].isin(pseudo_labels).to_numpy()
+    pseudo_probability = pd.Series(probability[in_pseudo], index=obs.index[in_pseudo])
     summary = _summary(
         p_values,
         levels,
         pseudo_probability,
-        data.obs.loc[in_pseudo, perturbation_key].astype(str).to_numpy(),
+        obs.loc[in_pseudo, perturbation_key].astype(str).to_numpy(),
         responders_de.groupby("group1")[f"is_de_fdr_{DE_FDR_TARGET}"].any(),
         len(pseudo_labels),
     )

@@ -101,14 +101,21 @@ def responder_pseudobulk(
         norm = np.linalg.norm(adata.obsm[salient_key], axis=1)
         responded = norm > np.quantile(norm[is_control], quantile)
     keep = is_control | (labels.notna().to_numpy() & responded)
-
-    counts = get_count_matrix(adata, layer)
     groups = pd.DataFrame(
         {
             perturbation_key: labels.to_numpy()[keep],
             sample_key: adata.obs[sample_key].to_numpy()[keep],
         }
     )
+    return _summed_counts(get_count_matrix(adata, layer), keep, groups, min_cells, adata.var_names)
+
+
+def _summed_counts(counts, keep, groups: pd.DataFrame, min_cells: int, var_names) -> AnnData:
+    """Sum the counts of cells ``keep`` per row of ``groups`` (their two columns' values).
+
+    Groups of fewer than ``min_cells`` cells are dropped.
+    """
+    perturbation_key, sample_key = groups.columns
     codes, uniques = pd.factorize(pd.MultiIndex.from_frame(groups.astype(str)))
     indicator = sp.csr_matrix(
         (np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(uniques), len(codes))
@@ -121,4 +128,4 @@ def responder_pseudobulk(
     obs = obs[large_enough].reset_index(drop=True)
     obs.index = (obs[perturbation_key] + "_" + obs[sample_key]).to_numpy()
     values = np.asarray(summed[np.flatnonzero(large_enough)].todense()).round().astype(np.int64)
-    return AnnData(X=values, obs=obs, var=pd.DataFrame(index=adata.var_names.copy()))
+    return AnnData(X=values, obs=obs, var=pd.DataFrame(index=var_names.copy()))
