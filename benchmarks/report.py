@@ -23,7 +23,10 @@ Run by hand, never in CI: each script in `benchmarks/` writes its records into
 `benchmarks/results/<script>.json`, and `.venv/bin/python benchmarks/report.py` rewrites this
 page from them. Every table names the commands that made it. Rows labelled "0.2 defaults" ran
 the package as of commit 07b9b10 (`PYTHONPATH` pointing at a copy of its `src/`) through the same
-scripts, with 0.2's recommended `train_size=0.75` for its held-out test.
+scripts, with 0.2's recommended `train_size=0.75` for its held-out test. Rows labelled "0.1
+objective" ran the same 0.2 code with `counterfactual_controls=False, independence_weight=0`
+(the objective of 0.1). Rows labelled "0.3 defaults" ran commit ad6c1d3, before the training
+noise was seeded per step (which changes which model a seed trains, not how good it is).
 """
 
 SCREEN_ROWS = {

@@ -32,9 +32,6 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 master_doc = "index"
 default_role = "literal"
-# The benchmark result pages (docs/benchmark_*.md) are written by the benchmark scripts, which
-# start their tables at "###" under the page title; MyST warns about the skipped level.
-suppress_warnings = ["myst.header"]
 
 # -- MyST and notebooks ----------------------------------------------------------------------------
 
