@@ -28,7 +28,7 @@ controls). The mixture's own maximum-likelihood fraction trades off against the 
 effect ("everyone shifted a little" fits nearly as well as "some shifted more") and came out
 too high: on the seed-0 model of the weak-effect calling screen, control cells scored as an
 effect target's cells got a mean posterior of 0.18 to 0.76 (a one-off check, not a committed
-benchmark; the benchmark's effect is in docs/benchmarks.md#responders).
+benchmark; the benchmark's effect is in docs/benchmarks.md).
 
 Hand-written rather than Pyro SVI: the M-step has a closed-form Fisher-scoring update per gene,
 and exact zeros in delta_t need a test, not a shrinkage prior.
@@ -314,7 +314,7 @@ def fraction_bounds(log_ratio, control_p_value, level) -> tuple[float, float]:
       effect fixed). That likelihood rewards "everyone shifted a little", so this end is high.
 
     On the weak-effect simulated screen the point estimate alone (Storey's) fell short of the
-    true fraction for every interval that missed (docs/benchmarks.md#responders).
+    true fraction for every interval that missed (docs/benchmarks.md).
     """
     tail = (1.0 - level) / 2.0
     n_cells = len(control_p_value)
