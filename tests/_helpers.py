@@ -3,6 +3,9 @@
 import pertpy_contrastive as pc
 
 CONTROL = "non-targeting"
+# The options every `pertpy-contrastive run` of the tests passes besides input and output.
+RUN_OPTIONS = ["--perturbation-key", "perturbation", "--control", CONTROL, "--no-progress"]
+RUN_OPTIONS += ["--batch-size", "32"]
 
 
 def setup(adata, **kwargs):

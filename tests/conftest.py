@@ -54,3 +54,11 @@ def _trained_screen(**model_kwargs):
 def trained():
     """The default (plain) model, trained on the strong-program screen."""
     return _trained_screen()
+
+
+@pytest.fixture
+def screen_file(screen, tmp_path):
+    """The ``screen`` fixture written to an .h5ad file, as the command line reads it."""
+    path = tmp_path / "screen.h5ad"
+    screen.write_h5ad(path)
+    return path

@@ -8,20 +8,10 @@ from importlib.metadata import entry_points
 import anndata
 import mudata
 import pytest
-from _helpers import CONTROL
+from _helpers import CONTROL, RUN_OPTIONS
 
 import pertpy_contrastive as pc
 from pertpy_contrastive._cli import EXIT_BAD_INPUT, main
-
-RUN_OPTIONS = ["--perturbation-key", "perturbation", "--control", CONTROL, "--no-progress"]
-RUN_OPTIONS += ["--batch-size", "32"]
-
-
-@pytest.fixture
-def screen_file(screen, tmp_path):
-    path = tmp_path / "screen.h5ad"
-    screen.write_h5ad(path)
-    return path
 
 
 def _run(*args):

@@ -11,7 +11,7 @@ import anndata
 import numpy as np
 import pytest
 import torch
-from _helpers import CONTROL, quick_train, setup
+from _helpers import RUN_OPTIONS, quick_train, setup
 from lightning.pytorch.callbacks import Callback
 
 import pertpy_contrastive as pc
@@ -23,9 +23,6 @@ from pertpy_contrastive._cli import (
     EXIT_TERMINATED,
     main,
 )
-
-RUN_OPTIONS = ["--perturbation-key", "perturbation", "--control", CONTROL, "--no-progress"]
-RUN_OPTIONS += ["--batch-size", "32"]
 
 
 class _AtEpoch(Callback):
@@ -147,13 +144,6 @@ def test_the_layers_file_is_written_whole_or_not_at_all(screen, tmp_path, monkey
 
 
 # -- the command line ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def screen_file(screen, tmp_path):
-    path = tmp_path / "screen.h5ad"
-    screen.write_h5ad(path)
-    return path
 
 
 def _command(*arguments):
