@@ -448,11 +448,12 @@ def _write(args: argparse.Namespace, data, model, rna, user_keys) -> None:
     """Save the model beside the output, then write the data without scvi-tools' bookkeeping.
 
     In that order: saving reads the model's registered columns, which the output drops. Both
-    go under temporary names first and are renamed once whole (``written_whole``).
+    go under temporary names first and are renamed once whole (``written_whole``): the model
+    first, the output last, so that an output that exists (what a pipeline checks) has its model.
     """
     args.output.parent.mkdir(parents=True, exist_ok=True)
     model_directory = _model_directory(args.output)
-    with written_whole(model_directory) as partial_model, written_whole(args.output) as partial:
+    with written_whole(args.output) as partial, written_whole(model_directory) as partial_model:
         model.save(str(partial_model), overwrite=True)
         _drop_registry_keys(rna, *user_keys)
         data.write(partial)
