@@ -25,8 +25,8 @@ page from them. Every table names the commands that made it. Rows labelled "0.2 
 the package as of commit 07b9b10 (`PYTHONPATH` pointing at a copy of its `src/`) through the same
 scripts, with 0.2's recommended `train_size=0.75` for its held-out test. Rows labelled "0.1
 objective" ran the same 0.2 code with `counterfactual_controls=False, independence_weight=0`
-(the objective of 0.1). Rows labelled "0.3 defaults" ran commit ad6c1d3, before the training
-noise was seeded per step (which changes which model a seed trains, not how good it is).
+(the objective of 0.1). Rows labelled "0.3 defaults" ran commit 6cf9c2f; later commits change
+no computation of training or of the outputs (mixed precision is opt-in).
 """
 
 SCREEN_ROWS = {
