@@ -12,8 +12,10 @@ ratio of each pair is recorded, since only a ratio measured side by side compare
 on a noisy machine. Throughput: the training cells (90%) over the seconds per epoch.
 
 ``--simulate-at-most N`` simulates N cells and repeats them up to larger sizes
-(``_common.large_screen``). ``--profile`` adds, per size and batch size, torch.profiler's
-operators with the most self time in one epoch of ContrastiveVAE. One torch thread by default.
+(``_common.large_screen``). ``--profile`` adds, per size and batch size, where one epoch of
+ContrastiveVAE spends its time per step: data loading, the forward pass (split into the encoders,
+the decoder, the likelihood, the background MMD, and Pyro's tracing with the KL terms), the
+backward pass and the optimiser. One torch thread by default.
 Run by hand (about 10 minutes on 2 cores):
 
     .venv/bin/python benchmarks/epoch_time.py --cells 10000 100000 --batch-size 128 512 --repeats 3
@@ -37,7 +39,6 @@ from _common import (
     quiet,
     save_records,
 )
-from torch.profiler import ProfilerActivity, profile
 
 KEYS = ("kind", "cells", "batch_size")
 TRAIN_SIZE = 0.9  # the default of both methods
@@ -57,20 +58,80 @@ class EpochTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-class ProfileOneEpoch(pl.Callback):
-    """Runs torch.profiler over one training epoch."""
+class StepClock(pl.Callback):
+    """Wall time of the parts of each training step, from Lightning's hooks.
+
+    ``data loading`` runs from one step's end to the next step's start (the sampler, the reads
+    from the AnnData, the collation), ``forward`` to ``on_before_backward``, ``backward`` to
+    ``on_after_backward``, and ``optimiser`` from ``on_before_optimizer_step`` to the step's
+    end.
+    """
 
     def __init__(self, epoch: int):
         self.epoch = epoch
-        self.profiler = profile(activities=[ProfilerActivity.CPU])
+        self.seconds: dict[str, float] = dict.fromkeys(
+            ("data loading", "forward", "backward", "optimiser"), 0.0
+        )
+        self.steps = 0
+        self._mark = None
+
+    def _timing(self, trainer) -> bool:
+        return trainer.current_epoch == self.epoch
+
+    def _lap(self, part: str | None) -> None:
+        now = time.perf_counter()
+        if part is not None and self._mark is not None:
+            self.seconds[part] += now - self._mark
+        self._mark = now
 
     def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            self.profiler.__enter__()
+        if self._timing(trainer):
+            self._lap(None)
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            self.profiler.__exit__(None, None, None)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._timing(trainer):
+            self._lap("data loading")
+            self.steps += 1
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if self._timing(trainer):
+            self._lap("forward")
+
+    def on_after_backward(self, trainer, pl_module):
+        if self._timing(trainer):
+            self._lap("backward")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self._timing(trainer):
+            self._lap(None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._timing(trainer):
+            self._lap("optimiser")
+
+
+class ForwardParts:
+    """Wall time of the parts of the forward pass, by wrapping the module's functions.
+
+    The encoders (``encode``), the decoder (``_decode``), the count likelihood's ``log_prob``
+    and the background MMD; the rest of the forward pass is Pyro's tracing and the KL terms.
+    """
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(("encoders", "decoder", "likelihood", "background MMD"), 0.0)
+        self.active = False
+
+    def wrap(self, owner, name: str, part: str) -> None:
+        function = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            if self.active:
+                self.seconds[part] += time.perf_counter() - start
+            return result
+
+        setattr(owner, name, timed)
 
 
 def train(method: str, adata, n_epochs: int, batch_size: int, callbacks: list) -> None:
@@ -88,19 +149,43 @@ def seconds_per_epoch(method: str, adata, batch_size: int, args) -> float:
     return statistics.median(timer.seconds[args.warmup_epochs :])
 
 
-def profile_operators(adata, batch_size: int, args, n_rows: int = 12) -> dict:
-    """The operators with the most self time in one epoch of ContrastiveVAE."""
-    profiler = ProfileOneEpoch(args.warmup_epochs)
-    train("ContrastiveVAE", adata, args.warmup_epochs + 1, batch_size, [profiler])
-    events = sorted(
-        profiler.profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True
-    )
+def profile_step(adata, batch_size: int, args) -> dict:
+    """Seconds per step of each part of a ContrastiveVAE training step, over one epoch."""
+    import pertpy_contrastive._likelihoods as likelihoods
+    import pertpy_contrastive._module as module
+
+    clock, parts = StepClock(args.warmup_epochs), ForwardParts()
+    originals = {
+        (module.ContrastivePyroModule, "encode"): module.ContrastivePyroModule.encode,
+        (module.ContrastivePyroModule, "_decode"): module.ContrastivePyroModule._decode,
+        (module, "_mmd"): module._mmd,
+        (likelihoods.ZeroInflatedNegativeBinomial, "log_prob"): (
+            likelihoods.ZeroInflatedNegativeBinomial.log_prob
+        ),
+    }
+    for (owner, name), part in zip(originals, parts.seconds, strict=True):
+        parts.wrap(owner, name, part)
+
+    class Switch(pl.Callback):  # time the forward parts in the clock's epoch only
+        def on_train_epoch_start(self, trainer, pl_module):
+            parts.active = trainer.current_epoch == clock.epoch
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            parts.active = False
+
+    try:
+        train("ContrastiveVAE", adata, args.warmup_epochs + 1, batch_size, [clock, Switch()])
+    finally:
+        for (owner, name), function in originals.items():
+            setattr(owner, name, function)
+    seconds = dict(clock.seconds)
+    seconds["forward: Pyro tracing and KL"] = seconds["forward"] - sum(parts.seconds.values())
+    seconds |= {f"forward: {part}": value for part, value in parts.seconds.items()}
     return {
-        "total_seconds": sum(e.self_cpu_time_total for e in events) / 1e6,
-        "operators": [
-            {"operator": e.key, "seconds": e.self_cpu_time_total / 1e6, "calls": e.count}
-            for e in events[:n_rows]
-        ],
+        "steps": clock.steps,
+        "milliseconds_per_step": {
+            part: 1e3 * value / clock.steps for part, value in seconds.items()
+        },
     }
 
 
@@ -117,7 +202,9 @@ def main():
     parser.add_argument(
         "--simulate-at-most", type=int, help="simulate at most this many cells, then repeat them"
     )
-    parser.add_argument("--profile", action="store_true", help="also profile one epoch")
+    parser.add_argument(
+        "--profile", action="store_true", help="also split one epoch's steps into parts"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     quiet()
@@ -150,7 +237,7 @@ def main():
                         "cells": n_cells,
                         "genes": args.genes,
                         "batch_size": batch_size,
-                        **profile_operators(adata, batch_size, args),
+                        **profile_step(adata, batch_size, args),
                     }
                 )
             print(json.dumps(record), flush=True)

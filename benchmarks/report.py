@@ -25,8 +25,8 @@ page from them. Every table names the commands that made it. Rows labelled "0.2 
 the package as of commit 07b9b10 (`PYTHONPATH` pointing at a copy of its `src/`) through the same
 scripts, with 0.2's recommended `train_size=0.75` for its held-out test. Rows labelled "0.1
 objective" ran the same 0.2 code with `counterfactual_controls=False, independence_weight=0`
-(the objective of 0.1). Rows labelled "0.3 defaults" ran commit ad6c1d3, before the training
-noise was seeded per step (which changes which model a seed trains, not how good it is).
+(the objective of 0.1). Rows labelled "0.3 defaults" ran commit 6cf9c2f; later commits change
+no computation of training or of the outputs (mixed precision is opt-in).
 """
 
 SCREEN_ROWS = {
@@ -347,20 +347,51 @@ def epoch_time_section() -> list[str]:
         lines += ["", *commands(timings), ""]
     for r in sorted(profiles, key=lambda r: (r["cells"], r["batch_size"])):
         lines += [
-            f"Operators with the most self time in one ContrastiveVAE epoch, {r['cells']:,} "
-            f"cells, {r['batch_size']} per group per step (torch.profiler):",
+            f"Where a ContrastiveVAE step spends its time, {r['cells']:,} cells, "
+            f"{r['batch_size']} per group per step (one epoch of {r['steps']} steps):",
             "",
-            "| operator | self time (s) | share | calls |",
-            "|---|---|---|---|",
+            "| part of the step | ms per step | share |",
+            "|---|---|---|",
         ]
-        total = r["total_seconds"]
-        for op in r["operators"]:
-            lines.append(
-                f"| `{op['operator']}` | {op['seconds']:.2f} | {op['seconds'] / total:.1%} "
-                f"| {op['calls']} |"
-            )
-        lines += [f"| all operators | {total:.2f} | 100% | |", "", *commands([r]), ""]
+        parts = r["milliseconds_per_step"]
+        total = sum(v for part, v in parts.items() if not part.startswith("forward:"))
+        for part, value in parts.items():
+            name = f"&nbsp;&nbsp;{part}" if part.startswith("forward:") else part
+            lines.append(f"| {name} | {value:.1f} | {value / total:.0%} |")
+        lines += [f"| whole step | {total:.1f} | 100% |", "", *commands([r]), ""]
     return lines
+
+
+def gpu_section() -> list[str]:
+    records = sorted(load("gpu_epoch_time"), key=lambda r: (r["cells"], r["precision"]))
+    lines = [
+        "## Seconds per epoch on a GPU (`benchmarks/gpu_epoch_time.py`)",
+        "",
+    ]
+    if not records:
+        return [
+            *lines,
+            "Not measured: no machine of the project has a GPU. On a machine with a CUDA GPU, "
+            "`.venv/bin/python benchmarks/gpu_epoch_time.py` fills this table (about 8 minutes "
+            "on one H100).",
+            "",
+        ]
+    lines += [
+        "| GPU | cells × genes | ContrastiveVAE precision | ContrastiveVAE s / epoch "
+        "| ContrastiveVI s / epoch | ratio per pair |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        ours, theirs = (
+            r["seconds_per_epoch"]["ContrastiveVAE"],
+            r["seconds_per_epoch"]["ContrastiveVI"],
+        )
+        lines.append(
+            f"| {r['gpu']} | {r['cells']:,} × {r['genes']:,} | {r['precision']} "
+            f"| {np.median(ours):.2f} | {np.median(theirs):.2f} "
+            f"| {', '.join(f'{v:.2f}' for v in r['ratios'])} |"
+        )
+    return [*lines, "", *commands(records), ""]
 
 
 def memory_section() -> list[str]:
@@ -452,6 +483,7 @@ def main():
         *papalexi_section(),
         *road_section(),
         *epoch_time_section(),
+        *gpu_section(),
         *memory_section(),
         *ddp_section(),
     ]

@@ -136,3 +136,13 @@ def test_adaptive_shrinkage_keeps_null_genes_below_their_change_probability():
     assert (sd > 0).all()
     # The 95% intervals cover the truth about 95% of the time.
     assert 0.9 < ((low <= truth) & (truth <= high)).mean() <= 1.0
+
+
+def test_progress_bars_over_the_targets_show_only_when_asked(trained, capsys):
+    _, model = trained
+    model.differential_expression(group1=["T00"], progress_bar=False)
+    assert capsys.readouterr().out == ""
+    model.differential_expression(group1=["T00"])
+    shown = capsys.readouterr().out
+    assert "Responder calls" in shown
+    assert "Differential expression" in shown

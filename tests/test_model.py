@@ -437,3 +437,57 @@ def test_training_leaves_the_global_random_state_alone(screen):
     torch.manual_seed(7)
     quick_train(pc.ContrastiveVAE(screen), max_epochs=1)
     assert (random.random(), np.random.random(), torch.rand(1).item()) == expected  # noqa: NPY002
+
+
+def test_bf16_mixed_precision_trains_on_cpu_with_the_likelihood_in_float32(screen, monkeypatch):
+    setup(screen, batch_key="batch")
+    model = pc.ContrastiveVAE(screen, n_hidden=16)
+    likelihood_inputs = set()
+    count_distribution = _module.count_distribution
+
+    def recording(likelihood, rate, theta, gate_logits):
+        likelihood_inputs.update({rate.dtype, gate_logits.dtype})
+        return count_distribution(likelihood, rate, theta, gate_logits)
+
+    monkeypatch.setattr(_module, "count_distribution", recording)
+    layer_outputs = set()
+    hook = model.module.decoder.px_decoder.register_forward_hook(
+        lambda layer, inputs, output: layer_outputs.add(output.dtype)
+    )
+    quick_train(model, precision="bf16-mixed")
+    hook.remove()
+    assert layer_outputs == {torch.bfloat16}  # autocast ran the layers in 16 bits
+    assert likelihood_inputs == {torch.float32}
+    assert np.isfinite(model.history["elbo_train"].to_numpy(dtype=float)).all()
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_bf16_autocast_terms_and_gradients_are_close_to_float32(screen):
+    setup(screen, batch_key="batch")
+    module = pc.ContrastiveVAE(screen, n_hidden=16).module.eval()
+    tensors = next(iter(pc.ContrastiveVAE(screen)._make_data_loader(adata=screen, batch_size=64)))
+    args, _ = module._get_fn_args_from_batch(tensors)
+    parameter = module.decoder.px_decoder.fc_layers[0][0].weight
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        pyro.set_rng_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            terms = module.loss_terms(args)
+        (gradient,) = torch.autograd.grad(sum(terms.values()), parameter)
+        results[precision] = (terms, gradient)
+    plain, mixed = results["float32"], results["bfloat16"]
+    for name, value in plain[0].items():
+        assert mixed[0][name].dtype == torch.float32
+        torch.testing.assert_close(mixed[0][name], value, rtol=2e-2, atol=1e-3)
+    cosine = torch.nn.functional.cosine_similarity(plain[1].ravel(), mixed[1].ravel(), dim=0)
+    assert cosine > 0.99
+
+
+def test_unsupported_precisions_are_refused_naming_the_choices(screen):
+    setup(screen)
+    model = pc.ContrastiveVAE(screen)
+    with pytest.raises(pc.InvalidInputError, match="'32-true', 'bf16-mixed', '16-mixed'"):
+        quick_train(model, precision="64-true")
+    with pytest.raises(pc.InvalidInputError, match="needs a CUDA GPU.*bf16-mixed"):
+        quick_train(model, precision="16-mixed", accelerator="cpu")
+    assert not model.is_trained

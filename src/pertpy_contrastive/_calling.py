@@ -17,6 +17,7 @@ import pandas as pd
 import pertpy as pt
 from anndata import AnnData
 from mudata import MuData
+from scvi.utils import track
 from sklearn.metrics import pairwise_distances
 from statsmodels.stats.multitest import multipletests
 
@@ -39,6 +40,7 @@ class CallingMixin:
         strata_key: str | None = None,
         seed: int = 0,
         modality: str = "rna",
+        progress_bar: bool = True,
     ) -> pd.DataFrame:
         """Test each target against the contrast controls in the salient latent of every cell.
 
@@ -61,6 +63,8 @@ class CallingMixin:
             Seed of the permutations within strata (pertpy's own are not seeded).
         modality
             Modality when ``adata`` is a MuData.
+        progress_bar
+            Show a progress bar over the targets.
 
         Returns
         -------
@@ -95,6 +99,7 @@ class CallingMixin:
             n_perms=n_perms,
             strata_key=None if strata_key is None else "stratum",
             seed=seed,
+            show_progressbar=progress_bar,
         ).drop(index=contrast)
         table["n_cells"] = obs["label"].value_counts().reindex(table.index).to_numpy()
         return table
@@ -127,7 +132,9 @@ def permutation_distance_test(
     test = pt.tl.DistanceTest(metric, n_perms=n_perms, obsm_key=obsm_key)
     if strata_key is None:
         return test(adata, groupby=groupby, contrast=contrast, show_progressbar=show_progressbar)
-    table = _stratified_test(adata, test, groupby, contrast, obsm_key, strata_key, seed)
+    table = _stratified_test(
+        adata, test, groupby, contrast, obsm_key, strata_key, seed, show_progressbar
+    )
     tested = table.index != contrast
     significant_adj, adjusted, _, _ = multipletests(
         table.loc[tested, "pvalue"].to_numpy(), alpha=test.padj_threshold, method=test.correction
@@ -150,7 +157,9 @@ def check_strata_key(obs: pd.DataFrame, strata_key: str) -> None:
         )
 
 
-def _stratified_test(adata, test, groupby, contrast, obsm_key, strata_key, seed) -> pd.DataFrame:
+def _stratified_test(
+    adata, test, groupby, contrast, obsm_key, strata_key, seed, show_progressbar
+) -> pd.DataFrame:
     """Distance and permutation p-value of each group, labels permuted within strata.
 
     Written here because pertpy's ``DistanceTest`` permutes across all cells; the distance
@@ -168,7 +177,8 @@ def _stratified_test(adata, test, groupby, contrast, obsm_key, strata_key, seed)
     embedding = np.asarray(adata.obsm[obsm_key])
     rng = np.random.default_rng(seed)
     rows = {}
-    for group in sorted(set(labels) - {contrast}):
+    groups = sorted(set(labels) - {contrast})
+    for group in track(groups, description="Distance test", disable=not show_progressbar):
         cells = np.flatnonzero((labels == group) | (labels == contrast))
         distances = pairwise_distances(embedding[cells], metric=metric.cell_wise_metric)
         total = distances.sum(dtype=np.float64)

@@ -352,6 +352,7 @@ def run_pipeline(args, data, setup: dict, resume_from: Path | None, write=None):
         overwrite=args.overwrite,
         seed=args.seed,
         modality=setup.get("modality", "rna"),
+        progress_bar=not args.no_progress,
     )
     rna.uns[f"{args.prefix}_run"] = _run_record(args, model)
     _write(args, data if write is None else write, model, rna, user_keys)

@@ -38,6 +38,7 @@ from anndata import AnnData
 from mudata import MuData
 from scipy import special, stats
 from scvi.model.base._de_core import _fdr_de_prediction
+from scvi.utils import track
 
 from . import _responder_mixture as mixture
 from ._background import CalibratedBackground
@@ -72,6 +73,7 @@ class DifferentialExpressionMixin:
         fdr_target: float = DE_FDR_TARGET,
         probability: np.ndarray | None = None,
         modality: str = "rna",
+        progress_bar: bool = True,
     ) -> pd.DataFrame:
         """Genes whose expression a target changed in its responders, against the controls.
 
@@ -105,6 +107,8 @@ class DifferentialExpressionMixin:
             Responder probabilities of the cells of ``adata``, if already computed.
         modality
             Modality when ``adata`` is a MuData.
+        progress_bar
+            Show progress bars over the targets (responder calls, then the tests).
 
         Returns
         -------
@@ -122,6 +126,30 @@ class DifferentialExpressionMixin:
         Genes of a target with fewer than one expected responder get NaN fold changes,
         ``proba_de`` 0 and ``p_value`` 1.
         """
+        self._check_comparison(groupby, group2)
+        adata, cells = self._calibrated_background(adata, modality)
+        tested = self._tested_targets(cells, group1)
+        if responders_only and probability is None:
+            evidence = self._responder_evidence(adata, cells, progress_bar=progress_bar)
+            probability = evidence.probability
+        elif responders_only and len(probability) != adata.n_obs:
+            raise InvalidValueError(
+                f"probability has {len(probability)} values for {adata.n_obs} cells. Pass the "
+                "responder probabilities of these cells, get_responder_probability(adata), or "
+                "leave probability unset."
+            )
+        return self._differential_expression(
+            adata,
+            cells,
+            tested,
+            probability if responders_only else None,
+            delta,
+            fdr_target,
+            progress_bar,
+        )
+
+    def _check_comparison(self, groupby, group2) -> None:
+        """Refuse a grouping or a reference other than the model's own."""
         perturbation_key = self.get_setup_arg("perturbation_key")
         if groupby is not None and groupby != perturbation_key:
             raise InvalidValueError(
@@ -136,32 +164,32 @@ class DifferentialExpressionMixin:
                 f"the controls ({controls}) calibrate. Leave group2 unset, or compare two "
                 "targets through their separate comparisons with the controls."
             )
-        adata, cells = self._calibrated_background(adata, modality)
+
+    def _tested_targets(self, cells: CalibratedBackground, group1) -> list[str]:
+        """``group1`` as a list, checked against the trained targets with cells; default all."""
         labels = list(self.adata_manager.get_state_registry(TARGET_KEY)["target_labels"])
         tested = [label for index, label in enumerate(labels) if len(cells.of_target(index)) > 0]
-        if group1 is not None:
-            requested = [group1] if isinstance(group1, str) else list(group1)
-            unknown = [label for label in requested if label not in tested]
-            if unknown:
-                raise InvalidValueError(
-                    f"group1 {unknown} are not trained targets with cells in these data "
-                    f"(column {perturbation_key!r}). Trained targets with cells: {tested}."
-                )
-            tested = requested
-        if responders_only and probability is None:
-            probability = self._responder_evidence(adata, cells).probability
-        elif responders_only and len(probability) != adata.n_obs:
+        if group1 is None:
+            return tested
+        requested = [group1] if isinstance(group1, str) else list(group1)
+        unknown = [label for label in requested if label not in tested]
+        if unknown:
             raise InvalidValueError(
-                f"probability has {len(probability)} values for {adata.n_obs} cells. Pass the "
-                "responder probabilities of these cells, get_responder_probability(adata), or "
-                "leave probability unset."
+                f"group1 {unknown} are not trained targets with cells in these data "
+                f"(column {self.get_setup_arg('perturbation_key')!r}). Trained targets with "
+                f"cells: {tested}."
             )
-        return self._differential_expression(
-            adata, cells, tested, probability if responders_only else None, delta, fdr_target
-        )
+        return requested
 
     def _differential_expression(
-        self, adata, cells: CalibratedBackground, tested, probability, delta, fdr_target
+        self,
+        adata,
+        cells: CalibratedBackground,
+        tested,
+        probability,
+        delta,
+        fdr_target,
+        progress_bar=False,
     ) -> pd.DataFrame:
         """:meth:`differential_expression` of validated ``tested`` targets on decoded ``cells``.
 
@@ -171,7 +199,7 @@ class DifferentialExpressionMixin:
         control = contrast_label(self.control_labels)
         controls = cells.control_cells
         tables = []
-        for label in tested:
+        for label in track(tested, description="Differential expression", disable=not progress_bar):
             members = cells.of_target(labels.index(label))
             counts = cells.counts_of(members)
             weights = torch.as_tensor(

@@ -456,7 +456,7 @@ class ExpressionMixin:
         gene_list, cell_indices
             Genes (names) and cells (positions) of the layers in ``layers_file``; default all.
         progress_bar
-            Show the progress of streaming the layers.
+            Show progress bars (responder calls, target calls, streamed layers).
 
         Returns
         -------
@@ -483,7 +483,9 @@ class ExpressionMixin:
         reference = self._reference_indices(
             target, None, arguments["n_reference_cells"], arguments["seed"]
         )
-        outputs = self._cell_outputs(target, keys, cells, calibrated, reference, arguments)
+        outputs = self._cell_outputs(
+            target, keys, cells, calibrated, reference, arguments, progress_bar
+        )
         if layers.streamed:
             self._stream_layers(
                 Path(layers.file),
@@ -498,7 +500,9 @@ class ExpressionMixin:
             )
         return outputs
 
-    def _cell_outputs(self, target, keys, cells, calibrated, reference, arguments) -> dict:
+    def _cell_outputs(
+        self, target, keys, cells, calibrated, reference, arguments, progress_bar
+    ) -> dict:
         """Everything :meth:`write_outputs` writes into the AnnData, by attribute and key."""
         latents = {"salient": cells["s"].cpu().numpy(), "background": cells["z"].cpu().numpy()}
         for latent in latents.values():
@@ -511,7 +515,9 @@ class ExpressionMixin:
                 ),
                 keys["layers"]["effect"]: self._effect(cells),
             }
-        evidence = self._responder_evidence(target, calibrated, seed=arguments["seed"])
+        evidence = self._responder_evidence(
+            target, calibrated, seed=arguments["seed"], progress_bar=progress_bar
+        )
         probability = evidence.probability
         target_class, global_class = self._responder_calls(
             target, probability, arguments["threshold"]
@@ -527,7 +533,9 @@ class ExpressionMixin:
             keys["obs"]["role"]: roles,
         }
         outputs["uns"] = {
-            keys["uns"]["target_calls"]: self.distance_test(target, n_perms=arguments["n_perms"]),
+            keys["uns"]["target_calls"]: self.distance_test(
+                target, n_perms=arguments["n_perms"], progress_bar=progress_bar
+            ),
             keys["uns"]["fractions"]: self._responder_fractions(
                 target, evidence, "target", 0.95, arguments["threshold"]
             ),

@@ -307,6 +307,7 @@ class ContrastiveVAE(
         devices: int | list[int] | str = "auto",
         strategy: str | Strategy = "auto",
         num_nodes: int = 1,
+        precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true",
         checkpoint_dir: str | Path | None = None,
         checkpoint_every_n_epochs: int = 1,
         resume_from: str | Path | None = None,
@@ -357,6 +358,9 @@ class ContrastiveVAE(
             processes, and early stopping works as on one device. Every process ends with the
             same trained model. See :doc:`/distributed` for launching it with ``torchrun`` or
             SLURM.
+        precision
+            ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA only) run the networks' layers in 16 bits;
+            the decoder's softmax, the likelihood, the KL terms and the MMD stay in float32.
         checkpoint_dir
             Directory to save a Lightning checkpoint in (``last.ckpt``) every
             ``checkpoint_every_n_epochs`` epochs: the module, the optimiser, the training plan's
@@ -375,6 +379,7 @@ class ContrastiveVAE(
         # This call's arguments; the defaults that depend on the training cells are filled in
         # once the cells are split.
         arguments = {name: value for name, value in locals().items() if name != "self"}
+        _check_precision(precision, accelerator)
         data_splitter = self._data_splitter_cls(
             self.adata_manager,
             train_size=train_size,
@@ -788,6 +793,25 @@ def _epoch_schedule(
     }
 
 
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+"""Lightning precisions that :meth:`ContrastiveVAE.train` accepts."""
+
+
+def _check_precision(precision: str, accelerator: str) -> None:
+    """Raise for a precision that training does not support, naming the ones it does."""
+    if precision not in PRECISIONS:
+        raise InvalidValueError(
+            f"precision={precision!r} is not supported. Use one of {PRECISIONS}: the count "
+            "likelihood needs float32, and mixed precision keeps it there."
+        )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision == "16-mixed" and on_cpu:
+        raise InvalidValueError(
+            "precision='16-mixed' needs a CUDA GPU, and training runs on the CPU. Use "
+            "precision='bf16-mixed' (or '32-true') on a CPU."
+        )
+
+
 def _trainer_kwargs(arguments: dict) -> dict:
     """Return the Lightning Trainer's arguments, given the arguments of ``train``."""
     trainer_kwargs = {
@@ -795,6 +819,7 @@ def _trainer_kwargs(arguments: dict) -> dict:
         "devices": arguments["devices"],
         "strategy": arguments["strategy"],
         "num_nodes": arguments["num_nodes"],
+        "precision": arguments["precision"],
         # PairedDataSplitter shards its own steps across processes (see PairedBatchSampler).
         "use_distributed_sampler": False,
         "early_stopping_monitor": MONITORED,

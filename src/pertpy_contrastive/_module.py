@@ -233,10 +233,16 @@ class ContrastivePyroModule(PyroBaseModuleClass):
         return rate
 
     def _decode(self, z, s, cont_covs, log_library, covariates):
-        """Rates and zero-inflation logits (DecoderSCVI's layers, without its unused theta head)."""
+        """Rates and zero-inflation logits (DecoderSCVI's layers, without its unused theta head).
+
+        Under mixed precision the layers run in 16 bits, and the softmax and what follows in
+        float32: the count likelihood's logs and sums over genes need its precision.
+        """
         hidden = self.decoder.px_decoder(torch.cat([z, s, cont_covs], dim=-1), *covariates)
-        proportions = self.decoder.px_scale_decoder(hidden)
-        return log_library.exp() * proportions, self.decoder.px_dropout_decoder(hidden)
+        linear, softmax = self.decoder.px_scale_decoder
+        proportions = softmax(_full_precision(linear(hidden)))
+        gate_logits = _full_precision(self.decoder.px_dropout_decoder(hidden))
+        return log_library.exp() * proportions, gate_logits
 
     # -- guide --------------------------------------------------------------------------------
 
@@ -326,12 +332,14 @@ def _mmd(latent: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tor
     """Squared MMD between the ``first`` and ``second`` cells' ``latent`` (0 if either is absent).
 
     Written with group weights over the whole step rather than boolean indexing, so that shapes
-    stay static.
+    stay static. In float32 under mixed precision: a difference of kernel means is lost in 16
+    bits.
     """
-    weights = torch.stack([first, second]).to(latent.dtype)
-    counts = weights.sum(-1, keepdim=True)
-    weights = weights / counts.clamp(min=1.0)
-    moments = weights @ _gaussian_kernel(latent) @ weights.T
+    with torch.autocast(latent.device.type, enabled=False):
+        weights = torch.stack([first, second]).to(latent.dtype)
+        counts = weights.sum(-1, keepdim=True)
+        weights = weights / counts.clamp(min=1.0)
+        moments = weights @ _gaussian_kernel(latent) @ weights.T
     both_present = (counts > 0).all().to(latent.dtype)
     return both_present * (moments[0, 0] + moments[1, 1] - 2.0 * moments[0, 1])
 
@@ -354,6 +362,14 @@ def _standard_normal(like: torch.Tensor, n_cells: int, dim: int) -> dist.TorchDi
     return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
 
+def _full_precision(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in float32 if autocast made them 16-bit; otherwise as they are."""
+    if values.dtype in (torch.float16, torch.bfloat16):
+        return values.float()
+    return values
+
+
 def _loc_scale(encoder: Encoder, encoder_input, covariates) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the posterior's location and scale, in float32 under mixed precision too (KL)."""
     loc, variance, _ = encoder(encoder_input, *covariates)
-    return loc, variance.sqrt()
+    return _full_precision(loc), _full_precision(variance).sqrt()

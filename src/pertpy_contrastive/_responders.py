@@ -19,6 +19,7 @@ import torch
 from anndata import AnnData
 from mudata import MuData
 from scipy import special, stats
+from scvi.utils import track
 
 from . import _responder_mixture as mixture
 from ._background import CalibratedBackground
@@ -69,6 +70,7 @@ class ResponderMixin:
         use_target_gene: bool = True,
         seed: int = 0,
         modality: str = "rna",
+        progress_bar: bool = True,
     ) -> np.ndarray:
         """Posterior probability that each cell responded to its perturbation, P(y = 1 | x).
 
@@ -106,6 +108,8 @@ class ResponderMixin:
             Seed of the fold assignment (the result is reproducible).
         modality
             Modality when ``adata`` is a MuData.
+        progress_bar
+            Show a progress bar over the targets.
 
         Returns
         -------
@@ -113,7 +117,9 @@ class ResponderMixin:
         (no guide, several targets, or a label absent from training), P(y = 1 | x) otherwise.
         """
         adata, cells = self._calibrated_background(adata, modality)
-        evidence = self._responder_evidence(adata, cells, gene_fdr, n_folds, use_target_gene, seed)
+        evidence = self._responder_evidence(
+            adata, cells, gene_fdr, n_folds, use_target_gene, seed, progress_bar
+        )
         probability = evidence.probability
         return probability if indices is None else probability[np.asarray(indices)]
 
@@ -125,6 +131,7 @@ class ResponderMixin:
         n_folds=RESPONDER_FOLDS,
         use_target_gene=True,
         seed=0,
+        progress_bar=False,
     ) -> ResponderEvidence:
         """Compute the responder mixture's evidence for every cell of decoded ``cells``."""
         labels = self.adata_manager.get_state_registry(TARGET_KEY)["target_labels"]
@@ -136,7 +143,10 @@ class ResponderMixin:
         )
         evidence.log_odds[np.isin(cells.groups, CONTROL_GROUPS)] = -np.inf
         rng = np.random.default_rng(seed)
-        for index, label in enumerate(labels):
+        targets = track(
+            list(enumerate(labels)), description="Responder calls", disable=not progress_bar
+        )
+        for index, label in targets:
             members = cells.of_target(index)
             if len(members) == 0:
                 continue
@@ -184,6 +194,7 @@ class ResponderMixin:
         threshold: float = 0.5,
         seed: int = 0,
         modality: str = "rna",
+        progress_bar: bool = True,
     ) -> pd.DataFrame:
         """Fraction of each target's (or guide's) cells that responded, with an interval.
 
@@ -212,6 +223,8 @@ class ResponderMixin:
             Seed of the cross-fitting folds, as in :meth:`get_responder_probability`.
         modality
             Modality when ``adata`` is a MuData.
+        progress_bar
+            Show a progress bar over the targets.
 
         Returns
         -------
@@ -230,7 +243,7 @@ class ResponderMixin:
                 "(pp.perturbation_labels writes one with guide_key_added=...)."
             )
         adata, cells = self._calibrated_background(adata, modality)
-        evidence = self._responder_evidence(adata, cells, seed=seed)
+        evidence = self._responder_evidence(adata, cells, seed=seed, progress_bar=progress_bar)
         return self._responder_fractions(adata, evidence, by, level, threshold)
 
     def _responder_fractions(self, adata, evidence, by, level, threshold) -> pd.DataFrame:

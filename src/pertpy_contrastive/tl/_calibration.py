@@ -96,6 +96,7 @@ def calibration_check(
     levels: tuple[float, ...] = (0.01, 0.05, 0.1),
     n_perms: int = 1000,
     seed: int = 0,
+    progress_bar: bool = True,
 ) -> CalibrationCheck:
     """Train on control guides relabelled as pseudo-targets and count what is found in them.
 
@@ -148,6 +149,8 @@ def calibration_check(
         Permutations of the distance tests.
     seed
         Seed of the choice of pseudo-target guides.
+    progress_bar
+        Show progress bars: the training's, then over the targets of each test.
 
     Returns
     -------
@@ -172,22 +175,27 @@ def calibration_check(
         data, perturbation_key=perturbation_key, control=remaining, batch_key=batch_key
     )
     model = ContrastiveVAE(data, **(model_kwargs or {}))
-    model.train(**{"enable_progress_bar": False, **(train_kwargs or {})})
-    return _check_pseudo_targets(model, perturbation_key, pseudo_labels, batch_key, levels, n_perms)
+    model.train(**{"enable_progress_bar": progress_bar, **(train_kwargs or {})})
+    return _check_pseudo_targets(
+        model, perturbation_key, pseudo_labels, batch_key, levels, n_perms, progress_bar
+    )
 
 
 def _check_pseudo_targets(
-    model, perturbation_key, pseudo_labels, batch_key, levels, n_perms
+    model, perturbation_key, pseudo_labels, batch_key, levels, n_perms, progress_bar
 ) -> CalibrationCheck:
     """Count what the trained ``model``'s tests and calls find in the pseudo-targets."""
-    distance_tests = {DISTANCE_TEST: model.distance_test(n_perms=n_perms)}
+    shown = {"progress_bar": progress_bar}
+    distance_tests = {DISTANCE_TEST: model.distance_test(n_perms=n_perms, **shown)}
     if batch_key is not None:
         distance_tests[DISTANCE_TEST_WITHIN_BATCHES] = model.distance_test(
-            n_perms=n_perms, strata_key=batch_key
+            n_perms=n_perms, strata_key=batch_key, **shown
         )
-    probability = model.get_responder_probability()
-    every_cell = model.differential_expression(group1=pseudo_labels, responders_only=False)
-    responders_de = model.differential_expression(group1=pseudo_labels, probability=probability)
+    probability = model.get_responder_probability(**shown)
+    every_cell = model.differential_expression(group1=pseudo_labels, responders_only=False, **shown)
+    responders_de = model.differential_expression(
+        group1=pseudo_labels, probability=probability, **shown
+    )
     p_values = _pseudo_target_p_values(distance_tests, every_cell, pseudo_labels)
     obs = model.adata.obs
     in_pseudo = obs[perturbation_key].isin(pseudo_labels).to_numpy()

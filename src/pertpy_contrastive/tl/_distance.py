@@ -22,7 +22,7 @@ def distance_test(
     n_perms: int = 1000,
     strata_key: str | None = None,
     seed: int = 0,
-    show_progressbar: bool = False,
+    show_progressbar: bool = True,
 ) -> pd.DataFrame:
     """Permutation test of each group's distance to ``contrast``, on the model's written outputs.
 
