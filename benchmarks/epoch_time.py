@@ -158,10 +158,10 @@ def profile_step(adata, batch_size: int, args) -> dict:
     originals = {
         (module.ContrastivePyroModule, "encode"): module.ContrastivePyroModule.encode,
         (module.ContrastivePyroModule, "_decode"): module.ContrastivePyroModule._decode,
-        (module, "_mmd"): module._mmd,
         (likelihoods.ZeroInflatedNegativeBinomial, "log_prob"): (
             likelihoods.ZeroInflatedNegativeBinomial.log_prob
         ),
+        (module, "_mmd"): module._mmd,
     }
     for (owner, name), part in zip(originals, parts.seconds, strict=True):
         parts.wrap(owner, name, part)
