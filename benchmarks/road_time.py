@@ -42,8 +42,8 @@ from _common import (
 KEYS = ("screen", "cells", "seed")
 STAGES = {
     "write_outputs": lambda model: model.write_outputs(progress_bar=False),
-    "differential_expression": lambda model: model.differential_expression(),
-    "distance_test": lambda model: model.distance_test(),
+    "differential_expression": lambda model: model.differential_expression(progress_bar=False),
+    "distance_test": lambda model: model.distance_test(progress_bar=False),
 }
 
 
