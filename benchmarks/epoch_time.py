@@ -134,12 +134,22 @@ class ForwardParts:
         setattr(owner, name, timed)
 
 
-def train(method: str, adata, n_epochs: int, batch_size: int, callbacks: list) -> None:
+def train(
+    method: str,
+    adata,
+    n_epochs: int,
+    batch_size: int,
+    callbacks: list,
+    accelerator: str = "auto",
+    precision: str = "32-true",
+) -> None:
+    """Train ``method`` with early stopping off; ``precision`` is ContrastiveVAE's (VI: float32)."""
+    common = {"batch_size": batch_size, "callbacks": callbacks, "accelerator": accelerator}
     if method == "ContrastiveVAE":
-        train_kwargs = {"max_epochs": n_epochs, "batch_size": batch_size, "callbacks": callbacks}
+        train_kwargs = {"max_epochs": n_epochs, "precision": precision, **common}
         fit_contrastive_vae(adata, 0, train_kwargs={"early_stopping": False, **train_kwargs})
     else:
-        fit_contrastive_vi(adata, 0, n_epochs, batch_size=batch_size, callbacks=callbacks)
+        fit_contrastive_vi(adata, 0, n_epochs, **common)
 
 
 def seconds_per_epoch(method: str, adata, batch_size: int, args) -> float:

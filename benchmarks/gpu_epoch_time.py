@@ -23,16 +23,8 @@ import json
 import sys
 
 import torch
-from _common import (
-    command_line,
-    fit_contrastive_vae,
-    fit_contrastive_vi,
-    large_screen,
-    machine,
-    quiet,
-    save_records,
-)
-from epoch_time import EpochTimer
+from _common import command_line, large_screen, machine, quiet, save_records
+from epoch_time import EpochTimer, train
 
 KEYS = ("cells", "precision", "gpu")
 SIMULATED_CELLS = 100_000
@@ -41,17 +33,7 @@ SIMULATED_CELLS = 100_000
 def seconds_per_epoch(method: str, adata, precision: str, args) -> float:
     """Seconds of the timed epoch (the second) of one run."""
     timer = EpochTimer()
-    common = {
-        "max_epochs": 2,
-        "batch_size": args.batch_size,
-        "callbacks": [timer],
-        "accelerator": args.accelerator,
-    }
-    if method == "ContrastiveVAE":
-        train_kwargs = {"early_stopping": False, "precision": precision, **common}
-        fit_contrastive_vae(adata, 0, train_kwargs=train_kwargs)
-    else:
-        fit_contrastive_vi(adata, 0, **common)
+    train(method, adata, 2, args.batch_size, [timer], args.accelerator, precision)
     return timer.seconds[-1]
 
 
